@@ -1,0 +1,1 @@
+"""Layers: one source of files for a client view (a local directory, a guest disk)."""
