@@ -1,0 +1,234 @@
+"""Build real partitioned disk images without root mounts, and serve them over NBD.
+
+Everything here uses only user-space tools (sfdisk, mkfs.vfat + mtools, mkfs.ext4 -d, debugfs)
+so the tests need no loop devices and no mounts.  The layout imitates a netbooted client:
+
+    MBR  p1  FAT16  8 MiB   mounted at /boot/efi   (EFI/BOOT/BOOTX64.EFI, config.txt, vmlinuz-efi)
+         p2  ext4  55 MiB   mounted at /           (/etc, /boot with kernels and symlinks)
+
+The ext4 journal holds a committed but unreplayed transaction (a "dirty journal", as on a live
+client), written with debugfs' journal_write so no kernel ever mounts it writable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+P1_START = 1 * MiB
+P1_SIZE = 8 * MiB
+P2_START = P1_START + P1_SIZE
+IMAGE_SIZE = 64 * MiB
+
+#: The non-UTF-8 name inside /boot; the layer must skip it (with a warning), not fail.
+BAD_NAME = b"bad-\xff-name"
+
+
+def payload(seed: str, size: int) -> bytes:
+    """Deterministic pseudo-random bytes, so tests compare sha256 instead of trusting sizes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
+        counter += 1
+    return bytes(out[:size])
+
+
+@dataclass
+class Image:
+    path: pathlib.Path
+    #: guest path -> expected bytes, for what the tests read back
+    files: dict[str, bytes]
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        with self.path.open("rb") as f:
+            while chunk := f.read(4 * MiB):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def fat_spec(self) -> str:
+        """mtools' "image@@offset" notation for p1."""
+        return f"{self.path}@@{P1_START}"
+
+    def rewrite_fat_file(self, name: str, data: bytes, tmp: pathlib.Path) -> None:
+        """Rewrite a file on p1 in place, as a live client upgrading its kernel would."""
+        src = tmp / "rewrite.bin"
+        src.write_bytes(data)
+        run("mcopy", "-o", "-i", self.fat_spec(), str(src), f"::/{name}")
+        self.files[f"/boot/efi/{name}"] = data
+
+
+def run(*argv: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, capture_output=True, **kw)
+
+
+def build_image(dest: pathlib.Path) -> Image:
+    """Write the image described in the module docstring to `dest` (a file) and return it."""
+    work = dest.parent / (dest.name + ".d")
+    work.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+
+    # --- p2: ext4 root --------------------------------------------------------------------
+    root = work / "root"
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "boot" / "efi").mkdir(parents=True, exist_ok=True)
+    (root / "boot" / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
+
+    def put(guest: str, data: bytes) -> None:
+        (root / guest.lstrip("/")).write_bytes(data)
+        files[guest] = data
+
+    put("/etc/hostname", b"guest-host\n")
+    put("/boot/vmlinuz-6.1", payload("vmlinuz-6.1", 3 * MiB + 123))
+    put("/boot/initrd.img-6.1", payload("initrd-6.1", 5 * MiB + 7))
+    put("/boot/big.bin", payload("big", 16 * MiB))
+    put("/boot/pxelinux.cfg/default", b"DEFAULT disk\n")
+    put("/boot/shadow.txt", b"from the disk\n")
+    put("/boot/only-disk.txt", b"only on the disk\n")
+    links = {
+        "boot/vmlinuz": "vmlinuz-6.1",  # relative
+        "boot/initrd.img": "/boot/initrd.img-6.1",  # absolute: guest root, never the host's
+        "boot/hostname": "/etc/hostname",  # absolute, outside tftp_root, inside the guest
+        "boot/etc": "../etc",  # relative directory outside tftp_root, inside the guest
+        "boot/escape": "../../../../../etc/passwd",  # climbs above the guest root: ENOENT
+        "boot/loop1": "loop2",
+        "boot/loop2": "loop1",
+        "boot/dangling": "nowhere",
+        "boot/efilink": "efi/config.txt",  # crosses into the FAT mount
+    }
+    for name, target in links.items():
+        p = root / name
+        if not p.is_symlink():
+            os.symlink(target, p)
+    bad = os.path.join(os.fsencode(root / "boot"), BAD_NAME)
+    with open(bad, "wb") as f:
+        f.write(b"never served\n")
+
+    p2 = work / "p2.img"
+    p2_size = IMAGE_SIZE - P2_START
+    with p2.open("wb") as f:
+        f.truncate(p2_size)
+    run("mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(p2))
+    make_dirty_journal(p2, work)
+
+    # --- p1: FAT ----------------------------------------------------------------------------
+    p1 = work / "p1.img"
+    with p1.open("wb") as f:
+        f.truncate(P1_SIZE)
+    run("mkfs.vfat", "-n", "EFI", str(p1))
+    fat = work / "fat"
+    (fat / "EFI" / "BOOT").mkdir(parents=True, exist_ok=True)
+    fat_files = {
+        "EFI/BOOT/BOOTX64.EFI": payload("bootx64", 700 * 1024),
+        "config.txt": b"kernel=vmlinuz-efi\n",
+        "vmlinuz-efi": payload("vmlinuz-efi-v1", 1 * MiB + 5),
+    }
+    for name, data in fat_files.items():
+        (fat / name).write_bytes(data)
+        files[f"/boot/efi/{name}"] = data
+    run("mcopy", "-s", "-i", str(p1), str(fat / "EFI"), str(fat / "config.txt"),
+        str(fat / "vmlinuz-efi"), "::/")
+
+    # --- the disk -------------------------------------------------------------------------
+    with dest.open("wb") as f:
+        f.truncate(IMAGE_SIZE)
+    table = (
+        "label: dos\n"
+        f"start={P1_START // 512}, size={P1_SIZE // 512}, type=c\n"
+        f"start={P2_START // 512}, type=83\n"
+    )
+    run("sfdisk", "-q", str(dest), input=table.encode())
+    with dest.open("r+b") as out:
+        for part, offset in ((p1, P1_START), (p2, P2_START)):
+            out.seek(offset)
+            with part.open("rb") as src:
+                while chunk := src.read(4 * MiB):
+                    out.write(chunk)
+    return Image(dest, files)
+
+
+def make_dirty_journal(p2: pathlib.Path, work: pathlib.Path) -> None:
+    """Leave a committed, unreplayed transaction in the ext4 journal (needs_recovery set).
+
+    That is what a live client's disk looks like; a plain read-only mount of it fails, which
+    is the rtftp fault we must not have.  The transaction rewrites an unused block, so the
+    files the tests check are the same whether or not the journal is replayed.
+    """
+    block = work / "journal-block.bin"
+    block.write_bytes(b"\0" * 4096)
+    # The last block of the filesystem is free in a filesystem this empty.
+    out = run("dumpe2fs", "-h", str(p2)).stdout.decode()
+    count = int(next(line.split()[-1] for line in out.splitlines()
+                     if line.startswith("Block count:")))
+    cmds = work / "journal.cmds"
+    cmds.write_text(f"jo\njw -b {count - 1} {block}\njc\n")
+    run("debugfs", "-w", "-f", str(cmds), str(p2))
+    features = run("dumpe2fs", "-h", str(p2)).stdout.decode()
+    assert "needs_recovery" in features, "debugfs did not leave a dirty journal"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NbdServer:
+    """nbdkit serving one file on 127.0.0.1 (writable: the tests prove we never write)."""
+
+    def __init__(self, image: pathlib.Path, port: int | None = None) -> None:
+        self.image = image
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/export"
+
+    def start(self) -> NbdServer:
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(self.port),
+             "file", str(self.image)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"nbdkit exited with {self.proc.returncode}") from None
+                time.sleep(0.05)
+        raise RuntimeError("nbdkit did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class HangingServer:
+    """Accepts TCP connections and never speaks NBD: qemu waits for the handshake forever,
+    which is how a launch hangs (like nested KVM does here) without burning CPU."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/hang"
+
+    def close(self) -> None:
+        self.sock.close()
