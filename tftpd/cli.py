@@ -1,0 +1,192 @@
+"""``vfsroot-tftpd``: command line, logging, signals, systemd readiness.
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when the server cannot start (address in
+use, no permission for port 69, bad systemd socket), 2 for command-line mistakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
+from .server import ConfigError, ServerConfig, TftpServer, parse_listen, systemd_fds
+from .session import TransferPolicy
+
+log = logging.getLogger(__name__)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        lo_text, hi_text = text.split(":")
+        lo, hi = int(lo_text), int(hi_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI, got {text!r}") from None
+    if not 1 <= lo <= hi <= 65535:
+        raise argparse.ArgumentTypeError(f"port range {text!r} must satisfy 1 <= LO <= HI <= 65535")
+    return lo, hi
+
+
+def _bounded(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfsroot-tftpd",
+        description="Read-only TFTP server that serves each client from <root>/<client-ip>/.",
+    )
+    p.add_argument("--root", type=Path, default=Path("/run/vfsroot"),
+                   help="directory with one sub-directory per client IP (default /run/vfsroot)")
+    p.add_argument("--flat", action="store_true",
+                   help="serve ROOT/<path> to every client (no per-client directories)")
+    p.add_argument("--listen", action="append", default=[], metavar="ADDR:PORT",
+                   help="address to listen on, repeatable; [V6]:PORT for IPv6; 'systemd' for a "
+                        "socket-activated fd (default: [::]:69 dual-stack, IPv4 if no IPv6)")
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", dest="family", action="store_const", const="4",
+                     help="default listener on IPv4 only (0.0.0.0:69)")
+    fam.add_argument("-6", dest="family", action="store_const", const="6",
+                     help="default listener on IPv6 only ([::]:69, no IPv4-mapped clients)")
+    p.add_argument("--port-range", type=_port_range, metavar="LO:HI",
+                   help="local ports for transfers (for firewalls)")
+    p.add_argument("--max-sessions", type=_bounded(1, 100000), default=512)
+    p.add_argument("--max-sessions-per-ip", type=_bounded(1, 100000), default=16)
+    p.add_argument("--blksize-max", type=_bounded(BLKSIZE_MIN, BLKSIZE_MAX), default=1468,
+                   help="largest blksize granted (default 1468: one 1500-byte Ethernet frame)")
+    p.add_argument("--mtu-clamp", action="store_true",
+                   help="also clamp blksize to the route MTU towards the client")
+    p.add_argument("--windowsize-max", type=_bounded(1, WINDOWSIZE_MAX), default=64)
+    p.add_argument("--retransmit", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="retransmission timeout when the client did not send 'timeout'")
+    p.add_argument("--retries", type=_bounded(0, 100), default=5)
+    p.add_argument("--read-threads", type=_bounded(1, 1024), default=16,
+                   help="concurrent blocking file reads (the FUSE tree may block on a disk)")
+    p.add_argument("--read-ahead", type=_bounded(4096, 64 << 20), default=128 * 1024,
+                   metavar="BYTES", help="file bytes read per thread call and session")
+    p.add_argument("--max-transfer-seconds", type=_positive_float, default=3600.0)
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, time running transfers get to finish")
+    p.add_argument("--follow-outside-symlinks", action="store_true",
+                   help="serve symlinks that point outside the client's directory")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Translate parsed arguments; raises ConfigError for combinations argparse cannot check."""
+    listen = []
+    fds: tuple[int, ...] = ()
+    for text in args.listen:
+        if text == "systemd":
+            fds = systemd_fds()
+            if not fds:
+                raise ConfigError("--listen systemd: no socket passed (LISTEN_FDS/LISTEN_PID)")
+            continue
+        spec = parse_listen(text)
+        if args.family == "4" and spec.family == socket.AF_INET6:
+            raise ConfigError(f"-4 given but listen address {text!r} is IPv6")
+        if args.family == "6" and spec.family == socket.AF_INET:
+            raise ConfigError(f"-6 given but listen address {text!r} is IPv4")
+        listen.append(spec)
+    policy = TransferPolicy(
+        blksize_max=args.blksize_max, windowsize_max=args.windowsize_max,
+        mtu_clamp=args.mtu_clamp, retransmit_timeout=args.retransmit, retries=args.retries,
+        read_ahead=args.read_ahead, max_transfer_seconds=args.max_transfer_seconds,
+    )
+    return ServerConfig(
+        root=args.root, flat=args.flat, listen=tuple(listen), family=args.family or "any",
+        inherited_fds=fds, port_range=args.port_range, max_sessions=args.max_sessions,
+        max_sessions_per_ip=args.max_sessions_per_ip, read_threads=args.read_threads,
+        grace=args.grace, follow_outside_symlinks=args.follow_outside_symlinks, policy=policy,
+    )
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; silently nothing outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.send(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed error=%s", exc)
+
+
+async def _run(server: TftpServer) -> None:
+    """Serve until the first SIGTERM/SIGINT (graceful, with the grace period); a second signal
+    ends the running transfers at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_server(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # stopped: nothing left to watch
+
+            await nursery.start(run_server)
+            sd_notify("READY=1")
+            count = 0
+            async for signum in signals:
+                count += 1
+                if count == 1:
+                    log.info("signal=%s: stopping, grace=%.1fs",
+                             signal.Signals(signum).name, server.config.grace)
+                    sd_notify("STOPPING=1")
+                    server.stop()
+                else:
+                    log.warning("second signal: ending transfers now")
+                    nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # tftpy logs every packet it encodes at DEBUG; our own lines say what matters.
+    logging.getLogger("tftpy").setLevel(max(logging.INFO, logging.getLogger().level))
+    try:
+        config = config_from_args(args)
+        if not config.root.is_dir():
+            log.warning("root is not a directory (yet) root=%s", config.root)
+        server = TftpServer(config)
+        trio.run(_run, server)
+    except ConfigError as exc:
+        print(f"vfsroot-tftpd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

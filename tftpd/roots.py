@@ -1,0 +1,118 @@
+"""Client IP -> the directory that client is served from, and the one safe way to open a file.
+
+Per-client mode serves ``<root>/<client-ip>/<path>``: with ``--root /run/vfsroot`` every IP is
+that client's merged view.  ``--flat`` serves ``<root>/<path>`` to everybody, like a classic
+tftpd.  The client IP is normalised first (an IPv4 client on a dual-stack socket arrives as
+``::ffff:a.b.c.d``; an IPv6 link-local peer carries a ``%scope``) so the directory name is the
+same dotted quad or compressed IPv6 form the FUSE tree uses.
+
+:func:`ClientRoots.open` runs in a worker thread (the FUSE tree can block on a disk) and is the
+only place a request path meets the filesystem: it refuses directories and anything whose real
+location is outside the client's directory (a symlink to another client's tree).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class OpenRefused(Exception):
+    """The file cannot be served.  ``code`` is the TFTP error code, ``str(exc)`` the message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def normalise_ip(host: str) -> str:
+    """Return the canonical text form of a peer address (v4-mapped -> dotted quad, no scope)."""
+    bare = host.split("%", 1)[0]
+    try:
+        addr = ipaddress.ip_address(bare)
+    except ValueError:
+        return bare
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    """An open regular file: the descriptor (owned by the caller) and its size at open time."""
+
+    fd: int
+    size: int
+    path: str
+
+
+@dataclass(frozen=True)
+class ClientRoots:
+    """Maps a client to its directory.  Immutable: shared by every session without locks."""
+
+    root: Path
+    flat: bool = False
+    follow_outside_symlinks: bool = False
+
+    def directory_for(self, client_ip: str) -> Path:
+        """The directory ``client_ip`` is served from (it need not exist)."""
+        if self.flat:
+            return self.root
+        name = normalise_ip(client_ip)
+        if not name or "/" in name or name in (".", ".."):
+            # normalise_ip only passes through what ipaddress rejected; never build a path from
+            # something that is not an address.
+            raise OpenRefused(2, "client address cannot name a directory")
+        return self.root / name
+
+    def open(self, client_ip: str, relpath: str) -> OpenedFile:
+        """Open ``relpath`` (already normalised by :mod:`tftpd.paths`) for ``client_ip``.
+
+        Blocking: call it through ``trio.to_thread.run_sync``.  Raises OpenRefused with the TFTP
+        error code to send: 1 for a missing file (clients probe many names), 2 for everything the
+        client may not read.
+        """
+        base = self.directory_for(client_ip)
+        full = os.path.join(base, relpath)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except FileNotFoundError:
+            raise OpenRefused(1, "file not found") from None
+        except NotADirectoryError:
+            raise OpenRefused(1, "file not found") from None
+        except IsADirectoryError:
+            raise OpenRefused(2, "is a directory, not a file") from None
+        except PermissionError:
+            raise OpenRefused(2, "permission denied") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+                raise OpenRefused(2, "invalid file name") from None
+            raise OpenRefused(0, f"cannot open file: {os.strerror(exc.errno or 0)}") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise OpenRefused(2, "is a directory, not a file")
+            if not stat.S_ISREG(st.st_mode):
+                raise OpenRefused(2, "not a regular file")
+            if not self.follow_outside_symlinks:
+                self._check_inside(base, full)
+        except BaseException:
+            os.close(fd)
+            raise
+        return OpenedFile(fd=fd, size=st.st_size, path=full)
+
+    @staticmethod
+    def _check_inside(base: Path, full: str) -> None:
+        """Refuse a file whose resolved location is outside the client's resolved directory.
+
+        ``base`` itself may be a symlink (operators link ``10.0.0.5 -> default``); only what is
+        *below* it must stay below it.
+        """
+        real_base = os.path.realpath(base)
+        real = os.path.realpath(full)
+        if os.path.commonpath([real_base, real]) != real_base or real == real_base:
+            raise OpenRefused(2, "access violation: file is outside the client's directory")

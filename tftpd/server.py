@@ -1,0 +1,534 @@
+"""The listen loop: receive requests, enforce limits, start one session task per transfer.
+
+Every listen socket asks the kernel for the request's destination address (IP_PKTINFO /
+IPV6_RECVPKTINFO), so each session socket is bound to the address the client talked to: on a
+multi-homed boot server, replies must come from the address the firmware sent to or it drops
+them.  IPv4 clients of a dual-stack ``[::]`` socket arrive as ``::ffff:a.b.c.d``; they are
+normalised to dotted quads and served from an AF_INET session socket.
+
+A client that re-sends its RRQ (its timer fired before our OACK/DATA arrived) must not get a
+second transfer: requests are keyed by (client ip, client port) while their session lives.
+
+Use :func:`serve` (or :class:`TftpServer` for stats and graceful stop) with ``nursery.start``:
+it reports the bound addresses once the sockets are listening.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import random
+import socket
+import struct
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import packets
+from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
+from .roots import ClientRoots, normalise_ip
+from .session import Session, SessionContext, SessionResult, TransferPolicy
+
+log = logging.getLogger(__name__)
+
+IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
+SYSTEMD_FIRST_FD = 3
+
+#: Outcomes logged below INFO: none. Outcomes that hint at an attack or a broken setup: WARNING.
+_WARN_OUTCOMES = frozenset({"refused-path", "refused-file", "timeout", "refused-mode"})
+
+
+class ConfigError(Exception):
+    """An operator mistake (bad address, port in use): one clear line, exit code 1."""
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    """One address to listen on; ``host`` ``""`` with ``family`` picks a wildcard."""
+
+    host: str
+    port: int
+    family: int  # socket.AF_INET or socket.AF_INET6
+    v6only: bool = False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else (
+            f"{self.host}:{self.port}"
+        )
+
+
+def parse_listen(text: str, default_port: int = 69) -> ListenSpec:
+    """Parse ``ADDR:PORT``, ``[V6ADDR]:PORT``, ``ADDR`` or ``:PORT`` (IPv4 wildcard)."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(f"bad listen address {text!r}: missing ']'")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad listen address {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        host = text  # bare IPv6 address without port
+    host = host or "0.0.0.0"
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ConfigError(f"bad port in listen address {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in listen address {text!r}")
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        raise ConfigError(f"listen address must be a numeric IP address, not {host!r}") from None
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    return ListenSpec(host=host, port=port, family=family)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs; the CLI builds one, tests and the demo build their own."""
+
+    root: Path = Path("/run/vfsroot")
+    flat: bool = False
+    #: Explicit addresses; empty means the default ``[::]:69`` dual-stack (IPv4 fallback).
+    listen: tuple[ListenSpec, ...] = ()
+    #: "any" (dual-stack default), "4" or "6": which default listener to open.
+    family: str = "any"
+    default_port: int = 69
+    #: Already-bound sockets (systemd socket activation); used instead of ``listen``.
+    inherited_fds: tuple[int, ...] = ()
+    port_range: tuple[int, int] | None = None
+    max_sessions: int = 512
+    max_sessions_per_ip: int = 16
+    read_threads: int = 16
+    grace: float = 10.0
+    follow_outside_symlinks: bool = False
+    policy: TransferPolicy = field(default_factory=TransferPolicy)
+    #: ERROR replies sent from a listen socket per second (malformed/busy), burst twice that.
+    error_replies_per_second: float = 50.0
+
+
+@dataclass
+class ServerStats:
+    """Counters for a metrics endpoint; monotonically increasing except ``active``."""
+
+    requests: int = 0
+    active: int = 0
+    completed: int = 0
+    not_found: int = 0
+    refused: int = 0
+    aborted_by_client: int = 0
+    client_gone: int = 0
+    timeouts: int = 0
+    errors: int = 0
+    shutdown: int = 0
+    busy_rejections: int = 0
+    duplicate_requests: int = 0
+    malformed: int = 0
+    stray_datagrams: int = 0
+    bytes_sent: int = 0
+    blocks_sent: int = 0
+    retransmits: int = 0
+    duplicate_acks: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _outcome_counter(outcome: str) -> str:
+    if outcome in ("ok", "ok-unconfirmed"):
+        return "completed"
+    if outcome == "not-found":
+        return "not_found"
+    if outcome.startswith("refused"):
+        return "refused"
+    return {
+        "aborted-by-client": "aborted_by_client",
+        "client-gone": "client_gone",
+        "timeout": "timeouts",
+        "shutdown": "shutdown",
+    }.get(outcome, "errors")
+
+
+class _TokenBucket:
+    """Bounds ERROR replies from listen sockets, so spoofed garbage cannot turn us into a
+    reflector."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._capacity = max(1.0, rate * 2)
+        self._tokens = self._capacity
+        self._stamp = trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+def _enable_pktinfo(sock: socket.socket) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        # IPv4 packets on a dual-stack socket then also report IP_PKTINFO.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+
+def _destination(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """(local address the datagram was sent to, interface index) from the ancillary data."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            ifindex = struct.unpack_from("=i", data, 0)[0]
+            # ipi_spec_dst: the local address to answer from (== destination for unicast,
+            # a local address for broadcast requests, which cannot be bound to).
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), ifindex
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            addr = ipaddress.IPv6Address(data[:16])
+            ifindex = struct.unpack_from("=i", data, 16)[0]
+            if addr.ipv4_mapped is not None:
+                return str(addr.ipv4_mapped), ifindex
+            if addr.is_multicast:
+                return None
+            return str(addr), ifindex
+    return None
+
+
+class TftpServer:
+    """A running TFTP server: listeners, sessions, limits, counters."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.stats = ServerStats()
+        self.addresses: list[tuple[str, int]] = []
+        self._roots = ClientRoots(
+            Path(config.root), flat=config.flat,
+            follow_outside_symlinks=config.follow_outside_symlinks,
+        )
+        self._limiter = trio.CapacityLimiter(config.read_threads)
+        self._active: dict[tuple[str, int], Session] = {}
+        self._per_ip: Counter[str] = Counter()
+        self._listen_scope: trio.CancelScope | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        self._grace = config.grace
+        self._stopping = False
+        self._stop_requested = False
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def _open_listeners(self) -> list[socket.socket]:
+        cfg = self.config
+        if cfg.inherited_fds:
+            socks = []
+            for fd in cfg.inherited_fds:
+                sock = socket.socket(fileno=fd)
+                if sock.type != socket.SOCK_DGRAM:
+                    raise ConfigError(f"inherited fd {fd} is not a UDP socket")
+                sock.setblocking(False)
+                _enable_pktinfo(sock)
+                socks.append(sock)
+            return socks
+        specs = list(cfg.listen)
+        if not specs:
+            if cfg.family == "4":
+                specs = [ListenSpec("0.0.0.0", cfg.default_port, socket.AF_INET)]
+            else:
+                specs = [ListenSpec("::", cfg.default_port, socket.AF_INET6,
+                                    v6only=cfg.family == "6")]
+        socks = []
+        try:
+            for spec in specs:
+                socks.append(self._bind_listener(spec, fallback=not cfg.listen
+                                                 and cfg.family == "any"))
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
+        return socks
+
+    def _bind_listener(self, spec: ListenSpec, *, fallback: bool) -> socket.socket:
+        try:
+            sock = socket.socket(spec.family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            if fallback and spec.family == socket.AF_INET6:
+                log.warning("IPv6 is not available (%s): listening on IPv4 only "
+                            "address=0.0.0.0:%d", exc.strerror, spec.port)
+                return self._bind_listener(
+                    ListenSpec("0.0.0.0", spec.port, socket.AF_INET), fallback=False)
+            raise ConfigError(f"cannot create a socket for {spec}: {exc.strerror}") from None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spec.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.v6only))
+            _enable_pktinfo(sock)
+            sock.setblocking(False)
+            sock.bind((spec.host, spec.port))
+        except OSError as exc:
+            sock.close()
+            if fallback and spec.family == socket.AF_INET6 and exc.errno in (
+                errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT,
+            ):
+                log.warning("IPv6 is disabled (%s): listening on IPv4 only address=0.0.0.0:%d",
+                            exc.strerror, spec.port)
+                return self._bind_listener(
+                    ListenSpec("0.0.0.0", spec.port, socket.AF_INET), fallback=False)
+            raise ConfigError(f"cannot listen on {spec}: {exc.strerror}") from None
+        return sock
+
+    def _session_socket(self, local: str | None, ifindex: int, client: str,
+                        port: int) -> socket.socket:
+        """A non-blocking socket bound to ``local`` (port from the range) and connected to the
+        client."""
+        v4 = ipaddress.ip_address(client).version == 4
+        family = socket.AF_INET if v4 else socket.AF_INET6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            host = local if local is not None else ("0.0.0.0" if v4 else "::")
+            scope = ifindex if (not v4 and ipaddress.ip_address(host).is_link_local) else 0
+            peer_scope = ifindex if (not v4 and ipaddress.ip_address(client).is_link_local) else 0
+            self._bind_session(sock, host, scope, v4)
+            sock.connect((client, port) if v4 else (client, port, 0, peer_scope))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _bind_session(self, sock: socket.socket, host: str, scope: int, v4: bool) -> None:
+        def addr(p: int) -> tuple:
+            return (host, p) if v4 else (host, p, 0, scope)
+
+        if self.config.port_range is None:
+            sock.bind(addr(0))
+            return
+        lo, hi = self.config.port_range
+        span = hi - lo + 1
+        start = random.randrange(span)
+        for i in range(span):
+            try:
+                sock.bind(addr(lo + (start + i) % span))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        raise OSError(errno.EADDRINUSE, f"no free port in range {lo}:{hi}")
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = (
+        trio.TASK_STATUS_IGNORED)) -> None:
+        """Listen until stopped or cancelled; ``task_status.started`` gets the bound addresses."""
+        raw = self._open_listeners()
+        listeners = [trio.socket.from_stdlib_socket(s) for s in raw]
+        self.addresses = [tuple(s.getsockname()[:2]) for s in raw]  # type: ignore[misc]
+        ctx = SessionContext(
+            roots=self._roots, policy=self.config.policy, limiter=self._limiter,
+        )
+        buckets = _TokenBucket(self.config.error_replies_per_second)
+        try:
+            async with trio.open_nursery() as sessions:
+                with trio.CancelScope() as self._listen_scope:
+                    if self._stop_requested:
+                        self._listen_scope.cancel()
+                    async with trio.open_nursery() as listen:
+                        for tsock, rsock in zip(listeners, raw, strict=True):
+                            listen.start_soon(self._listen_loop, tsock, rsock, sessions, ctx,
+                                              buckets)
+                        log.info("listening addresses=%s root=%s mode=%s",
+                                 ",".join(f"{h}:{p}" for h, p in self.addresses),
+                                 self.config.root, "flat" if self.config.flat else "per-client")
+                        task_status.started(list(self.addresses))
+                # Stopped: no new requests; let running transfers finish within the grace.
+                self._stopping = True
+                for sock in listeners:
+                    sock.close()
+                if self.stats.active:
+                    log.info("stopping: waiting for transfers active=%d grace=%.1fs",
+                             self.stats.active, self._grace)
+                    with trio.move_on_after(self._grace):
+                        await self._idle.wait()
+                    if self.stats.active:
+                        log.warning("grace period over: ending transfers active=%d",
+                                    self.stats.active)
+                sessions.cancel_scope.cancel()
+        finally:
+            for sock in listeners:
+                sock.close()
+        log.info("stopped stats=%s", " ".join(f"{k}={v}" for k, v in
+                                                self.stats.as_dict().items()))
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting requests; running transfers get ``grace`` seconds to finish."""
+        if grace is not None:
+            self._grace = grace
+        self._stop_requested = True
+        if self._listen_scope is not None:
+            self._listen_scope.cancel()
+
+    async def _listen_loop(self, sock: trio.socket.SocketType, raw: socket.socket,
+                           sessions: trio.Nursery,
+                           ctx: SessionContext, bucket: _TokenBucket) -> None:
+        anc_size = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
+        bound_host = sock.getsockname()[0]
+        while True:
+            try:
+                data, ancdata, _flags, addr = await sock.recvmsg(MAX_DATAGRAM, anc_size)
+            except OSError as exc:
+                # ICMP errors queued on the socket and the like: never let them end the loop.
+                log.debug("listen recv error=%s", exc)
+                await trio.sleep(0.01)
+                continue
+            try:
+                self._handle_datagram(raw, data, ancdata, addr, bound_host, sessions, ctx,
+                                      bucket)
+            except Exception:
+                log.exception("cannot handle request peer=%s", addr)
+
+    def _reply_error(self, sock: socket.socket, addr: tuple, code: int, message: str,
+                     bucket: _TokenBucket) -> None:
+        """ERROR from the listen socket (non-blocking: dropped if the buffer is full)."""
+        if not bucket.take():
+            return
+        try:
+            sock.sendto(packets.encode_error(code, message), addr)
+        except OSError as exc:
+            log.debug("cannot send error peer=%s error=%s", addr, exc)
+
+    def _handle_datagram(self, sock: socket.socket, data: bytes,
+                         ancdata: list[tuple[int, int, bytes]], addr: tuple, bound_host: str,
+                         sessions: trio.Nursery, ctx: SessionContext,
+                         bucket: _TokenBucket) -> None:
+        client = normalise_ip(addr[0])
+        port = addr[1]
+        if port == 0:
+            self.stats.stray_datagrams += 1
+            return
+        try:
+            packet = packets.parse(data)
+        except MalformedPacket as exc:
+            self.stats.malformed += 1
+            log.debug("malformed request client=%s port=%d error=%s", client, port, exc)
+            self._reply_error(sock, addr, ERR_ILLEGAL_OPERATION, str(exc), bucket)
+            return
+        if not isinstance(packet, packets.Request):
+            # DATA/ACK/OACK/ERROR belong to a session port; answering them here could start a
+            # ping-pong with another server.  Stay silent.
+            self.stats.stray_datagrams += 1
+            return
+        self.stats.requests += 1
+        key = (client, port)
+        if key in self._active:
+            self.stats.duplicate_requests += 1
+            log.debug("retransmitted request ignored client=%s port=%d file=%r", client, port,
+                      packet.filename)
+            return
+        if self._stopping:
+            return
+        cfg = self.config
+        if len(self._active) >= cfg.max_sessions:
+            self.stats.busy_rejections += 1
+            log.warning("busy: session limit reached client=%s file=%r limit=%d", client,
+                        packet.filename, cfg.max_sessions)
+            self._reply_error(sock, addr, ERR_NOT_DEFINED,
+                              f"server busy: {cfg.max_sessions} transfers running, retry later",
+                              bucket)
+            return
+        if self._per_ip[client] >= cfg.max_sessions_per_ip:
+            self.stats.busy_rejections += 1
+            log.warning("busy: per-client limit reached client=%s file=%r limit=%d", client,
+                        packet.filename, cfg.max_sessions_per_ip)
+            self._reply_error(
+                sock, addr, ERR_NOT_DEFINED,
+                f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, retry later",
+                bucket)
+            return
+        dest = _destination(ancdata)
+        local, ifindex = dest if dest is not None else (None, 0)
+        if local is None and bound_host not in ("0.0.0.0", "::"):
+            local = normalise_ip(bound_host)
+        if local is not None and ipaddress.ip_address(local).version != ipaddress.ip_address(
+                client).version:
+            local = None
+        try:
+            ssock = self._session_socket(local, ifindex, client, port)
+        except OSError as exc:
+            log.error("cannot open a session socket client=%s local=%s error=%s", client,
+                      local, exc.strerror or exc)
+            self._reply_error(sock, addr, ERR_NOT_DEFINED, "server cannot open a transfer port",
+                              bucket)
+            return
+        session = Session(ctx, packet, client, port, local or "", ssock)
+        self._active[key] = session
+        self._per_ip[client] += 1
+        self.stats.active += 1
+        self._idle = trio.Event() if self.stats.active == 1 else self._idle
+        sessions.start_soon(self._run_session, key, session)
+
+    async def _run_session(self, key: tuple[str, int], session: Session) -> None:
+        result: SessionResult | None = None
+        try:
+            result = await session.run()
+        finally:
+            del self._active[key]
+            self._per_ip[key[0]] -= 1
+            if not self._per_ip[key[0]]:
+                del self._per_ip[key[0]]
+            self.stats.active -= 1
+            if not self.stats.active:
+                self._idle.set()
+            res = result or session.result
+            self._account(res)
+
+    def _account(self, res: SessionResult) -> None:
+        st = self.stats
+        counter = _outcome_counter(res.outcome)
+        setattr(st, counter, getattr(st, counter) + 1)
+        st.bytes_sent += res.bytes_sent
+        st.blocks_sent += res.blocks
+        st.retransmits += res.retransmits
+        st.duplicate_acks += res.duplicate_acks
+        rate = res.bytes_sent / res.seconds / 1e6 if res.seconds > 0 else 0.0
+        opts = ",".join(f"{k}={v}" for k, v in res.options.items()) or "-"
+        level = logging.INFO
+        if res.outcome in _WARN_OUTCOMES:
+            level = logging.WARNING
+        elif res.outcome == "error":
+            level = logging.ERROR
+        log.log(level, "transfer client=%s port=%d file=%r bytes=%d seconds=%.3f MB/s=%.2f "
+                "options=%s retransmits=%d dup_acks=%d outcome=%s%s",
+                res.client, res.port, res.filename, res.bytes_sent, res.seconds, rate, opts,
+                res.retransmits, res.duplicate_acks, res.outcome,
+                f" detail={res.detail!r}" if res.detail else "")
+
+
+async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = (
+        trio.TASK_STATUS_IGNORED)) -> None:
+    """Run a TFTP server until cancelled (``nursery.start(serve, config)`` returns addresses)."""
+    await TftpServer(config).run(task_status=task_status)
+
+
+def systemd_fds() -> tuple[int, ...]:
+    """File descriptors passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return ()
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return ()
+    return tuple(range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + count))
