@@ -75,6 +75,11 @@ class LocalLayer:
             lst = os.lstat(host)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a parent component is a symlink loop
+                log.warning("symlink loop ignored layer=%s path=%s", self.name, host)
+                return None
+            raise
         real = self._resolve(path)
         if real is None:
             return None
