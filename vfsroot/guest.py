@@ -278,11 +278,13 @@ class GuestSession:
     def age(self) -> float:
         return time.monotonic() - self.snapshot_at
 
-    async def refresh(self) -> bool:
+    async def refresh(self, min_age: float = 0.0) -> bool:
         """Remount so later answers see what the client wrote; only when no reader is open
-        (a transfer in progress keeps its snapshot).  Returns whether it refreshed."""
+        (a transfer in progress keeps its snapshot) and the snapshot is at least `min_age`
+        seconds old (checked under the lock, so concurrent lookups remount once).  Returns
+        whether it refreshed."""
         async with self._refresh_lock:
-            if self.open_readers or self.closed:
+            if self.open_readers or self.closed or self.age() < min_age:
                 return False
             t0 = time.monotonic()
             self.generation += 1  # before the await: readers opened from now on are new

@@ -9,6 +9,7 @@ background thread (`portal`), and tests that use them are plain functions callin
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import queue
@@ -96,16 +97,21 @@ def nbd_server(disk_image: Image) -> Iterator[NbdServer]:
     server.stop()
 
 
-def write_config(src: pathlib.Path, client: str, url: str, tftp_root: str = "/boot") -> pathlib.Path:
-    import json
-
-    path = src / f"{client}.nbd"
-    tmp = src / f".{client}.nbd.tmp"
-    tmp.write_text(json.dumps({
+def config_text(url: str, tftp_root: str = "/boot") -> str:
+    """The test disk's config: p2 (ext4) at /, p1 (FAT) at /boot/efi."""
+    return json.dumps({
         "url": url,
         "mounts": [{"partition": 2, "mountpoint": "/"},
                    {"partition": 1, "mountpoint": "/boot/efi"}],
         "tftp_root": tftp_root,
-    }))
+    })
+
+
+def write_config(src: pathlib.Path, client: str, url: str,
+                 tftp_root: str = "/boot") -> pathlib.Path:
+    """Write SRC/<client>.nbd atomically (as an operator's tooling should)."""
+    path = src / f"{client}.nbd"
+    tmp = src / f".{client}.nbd.tmp"
+    tmp.write_text(config_text(url, tftp_root))
     tmp.rename(path)
     return path

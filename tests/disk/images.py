@@ -69,8 +69,9 @@ def run(*argv: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=True, capture_output=True, **kw)
 
 
-def build_image(dest: pathlib.Path) -> Image:
-    """Write the image described in the module docstring to `dest` (a file) and return it."""
+def build_image(dest: pathlib.Path, variant: str = "a") -> Image:
+    """Write the image described in the module docstring to `dest` (a file) and return it.
+    `variant` changes /boot/only-disk.txt, to tell two disks apart."""
     work = dest.parent / (dest.name + ".d")
     work.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {}
@@ -91,7 +92,7 @@ def build_image(dest: pathlib.Path) -> Image:
     put("/boot/big.bin", payload("big", 16 * MiB))
     put("/boot/pxelinux.cfg/default", b"DEFAULT disk\n")
     put("/boot/shadow.txt", b"from the disk\n")
-    put("/boot/only-disk.txt", b"only on the disk\n")
+    put("/boot/only-disk.txt", f"only on disk {variant}\n".encode())
     links = {
         "boot/vmlinuz": "vmlinuz-6.1",  # relative
         "boot/initrd.img": "/boot/initrd.img-6.1",  # absolute: guest root, never the host's

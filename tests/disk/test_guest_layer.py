@@ -14,7 +14,7 @@ from vfsroot.guest import AttachOptions, GuestSession
 from vfsroot.layers.base import Kind, LayerUnavailable
 from vfsroot.layers.guest import GuestLayer, StaticSource
 
-from .conftest import Portal, needs_guestfs
+from .conftest import Portal, config_text, needs_guestfs
 from .images import Image, NbdServer
 
 pytestmark = [pytest.mark.disk, needs_guestfs]
@@ -26,10 +26,7 @@ def sha(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def session(portal: Portal, nbd_server: NbdServer) -> Iterator[GuestSession]:
-    config = parse_config(
-        '{"url": "%s", "mounts": [{"partition": 2, "mountpoint": "/"},'
-        ' {"partition": 1, "mountpoint": "/boot/efi"}], "tftp_root": "/boot"}' % nbd_server.url
-    )
+    config = parse_config(config_text(nbd_server.url))
     s = GuestSession("127.0.0.5", config, AttachOptions(attach_timeout=180, memsize_mb=512))
     portal.run(s.attach)
     yield s

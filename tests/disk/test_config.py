@@ -1,0 +1,184 @@
+"""Pure unit tests of `.nbd` parsing: strict, errors that name the file and the field."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vfsroot.config import (
+    DEFAULT_NBD_PORT,
+    ConfigError,
+    MountSpec,
+    NbdUrl,
+    load_config,
+    parse_config,
+    parse_url,
+)
+
+GOOD = {
+    "url": "nbd://10.10.10.10:25000/server_root",
+    "mounts": [{"partition": 2, "mountpoint": "/"}, {"partition": 1, "mountpoint": "/boot"}],
+    "tftp_root": "/boot",
+}
+
+
+def cfg(**changes: object) -> str:
+    doc = dict(GOOD)
+    for k, v in changes.items():
+        if v is ...:
+            doc.pop(k, None)
+        else:
+            doc[k] = v
+    return json.dumps(doc)
+
+
+def test_rtftp_example() -> None:
+    c = parse_config(json.dumps(GOOD), "SRC/10.0.0.5.nbd")
+    assert c.url == NbdUrl("tcp", "server_root", host="10.10.10.10", port=25000)
+    assert c.url.server == "tcp:10.10.10.10:25000"
+    assert str(c.url) == "nbd://10.10.10.10:25000/server_root"
+    assert c.mounts == (MountSpec(2, None, "/"), MountSpec(1, None, "/boot"))
+    assert c.tftp_root == "/boot"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("nbd://host.example", NbdUrl("tcp", "", host="host.example", port=DEFAULT_NBD_PORT)),
+    ("nbd://127.0.0.1:1234", NbdUrl("tcp", "", host="127.0.0.1", port=1234)),
+    ("nbd://127.0.0.1:1234/", NbdUrl("tcp", "", host="127.0.0.1", port=1234)),
+    ("nbd://[::1]:99/a/b", NbdUrl("tcp", "a/b", host="::1", port=99)),
+    ("nbd+unix:///exp?socket=/run/nbd.sock", NbdUrl("unix", "exp", socket="/run/nbd.sock")),
+    ("nbd+unix:///?socket=/tmp/s", NbdUrl("unix", "", socket="/tmp/s")),
+])
+def test_urls(url: str, expected: NbdUrl) -> None:
+    assert parse_url(url) == expected
+    assert parse_url(str(expected)) == expected  # canonical form round-trips
+
+
+def test_ipv6_server_syntax() -> None:
+    assert parse_url("nbd://[::1]:99/x").server == "tcp:[::1]:99"
+    assert parse_url("nbd+unix:///x?socket=/s").server == "unix:/s"
+
+
+@pytest.mark.parametrize("url", [
+    "", "http://h/x", "nbds://h/x", "nbd://", "nbd:///x", "nbd://h:0/x", "nbd://h:70000/x",
+    "nbd://user:pw@h/x", "nbd://h/x?socket=/s", "nbd://h/x#frag", "nbd://h/a,b",
+    "nbd://h/a:b", "nbd://h/a b", "nbd://h/a%00b", "nbd://bad_host!/x", "nbd+unix:///x",
+    "nbd+unix://host/x?socket=/s", "nbd+unix:///x?socket=rel", "nbd+unix:///x?socket=/a,b",
+    "nbd+unix:///x?socket=/a&socket=/b", "nbd+unix:///x?socket=/s&tls=on", "-o evil",
+    "nbd://h/x\n", 12, None, ["nbd://h"],
+])
+def test_bad_urls(url: object) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_url(url, "SRC/1.2.3.4.nbd")
+    assert str(e.value).startswith("SRC/1.2.3.4.nbd: url: ")
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    (cfg(url=...), "url"),
+    (cfg(mounts=...), "mounts"),
+    (cfg(mounts=[]), "mounts"),
+    (cfg(mounts={"partition": 1}), "mounts"),
+    (cfg(mounts=["/dev/sda1"]), "mounts[0]"),
+    (cfg(mounts=[{"partition": "2", "mountpoint": "/"}]), "mounts[0].partition"),
+    (cfg(mounts=[{"partition": True, "mountpoint": "/"}]), "mounts[0].partition"),
+    (cfg(mounts=[{"partition": -1, "mountpoint": "/"}]), "mounts[0].partition"),
+    (cfg(mounts=[{"partition": 2.0, "mountpoint": "/"}]), "mounts[0].partition"),
+    (cfg(mounts=[{"mountpoint": "/"}]), "mounts[0]"),
+    (cfg(mounts=[{"partition": 1, "lv": "vg/lv", "mountpoint": "/"}]), "mounts[0]"),
+    (cfg(mounts=[{"partition": 1}]), "mounts[0].mountpoint"),
+    (cfg(mounts=[{"partition": 1, "mountpoint": "boot"}]), "mounts[0].mountpoint"),
+    (cfg(mounts=[{"partition": 1, "mountpoint": "/boot"}]), "mounts[0].mountpoint"),
+    (cfg(mounts=[{"partition": 1, "mountpoint": "/"}, {"partition": 2, "mountpoint": "/"}]),
+     "mounts[1].mountpoint"),
+    (cfg(mounts=[{"partition": 1, "mountpoint": "/"}, {"partition": 2, "mountpoint": "/a"},
+                 {"partition": 3, "mountpoint": "/a/"}]), "mounts[2].mountpoint"),
+    (cfg(mounts=[{"partition": 1, "mountpoint": "/", "fstype": "ext4"}]), "mounts[0].fstype"),
+    (cfg(mounts=[{"device": "/dev/vda1", "mountpoint": "/"}]), "mounts[0].device"),
+    (cfg(mounts=[{"lv": "justlv", "mountpoint": "/"}]), "mounts[0].lv"),
+    (cfg(mounts=[{"lv": "vg/l v", "mountpoint": "/"}]), "mounts[0].lv"),
+    (cfg(tftp_root="boot"), "tftp_root"),
+    (cfg(tftp_root="/boot/../etc"), "tftp_root"),
+    (cfg(tftp_root=7), "tftp_root"),
+    (cfg(extra=1), "extra"),
+    ('{"url": "nbd://h/x", "url": "nbd://h/y", "mounts": []}', "url"),
+])
+def test_bad_configs_name_file_and_field(text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "SRC/10.0.0.5.nbd")
+    assert e.value.field == field
+    assert str(e.value).startswith(f"SRC/10.0.0.5.nbd: {field}: ")
+
+
+@pytest.mark.parametrize("text", ["", "[]", "null", "{", "\xff", b"\xff\xfe"])
+def test_not_a_json_object(text: str | bytes) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "f.nbd")
+    assert str(e.value).startswith("f.nbd: ")
+
+
+def test_whole_disk_device_and_lv() -> None:
+    c = parse_config(cfg(mounts=[{"partition": 0, "mountpoint": "/"},
+                                 {"device": "/dev/sda3", "mountpoint": "/boot"},
+                                 {"device": "/dev/sda", "mountpoint": "/boot/x"},
+                                 {"lv": "vg0/root-lv", "mountpoint": "/srv"}]))
+    assert [m.label for m in c.mounts] == ["whole disk", "partition 3", "whole disk",
+                                           "lv vg0/root-lv"]
+    assert c.mounts[3] == MountSpec(None, "vg0/root-lv", "/srv")
+
+
+def test_defaults_and_normalisation() -> None:
+    c = parse_config(cfg(tftp_root=...))
+    assert c.tftp_root == "/"
+    c = parse_config(cfg(tftp_root="//boot//efi/"))
+    assert c.tftp_root == "/boot/efi"
+    assert parse_config(cfg()) == parse_config(cfg())  # equality drives "config changed"
+    assert parse_config(cfg()) != parse_config(cfg(tftp_root="/"))
+
+
+def test_load_config(tmp_path: pathlib.Path) -> None:
+    p = tmp_path / "10.0.0.5.nbd"
+    with pytest.raises(FileNotFoundError):
+        load_config(p)
+    p.write_text(cfg())
+    assert load_config(p).tftp_root == "/boot"
+    p.write_bytes(b" " * 70000)
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(p)
+
+
+_export = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789._~/+@=-", max_size=40)
+
+
+@given(host=st.ip_addresses(v=4), port=st.integers(1, 65535), export=_export)
+def test_tcp_url_round_trip(host: object, port: int, export: str) -> None:
+    url = parse_url(f"nbd://{host}:{port}/{export}")
+    assert (url.host, url.port, url.export) == (str(host), port, export)
+    assert parse_url(str(url)) == url
+    assert url.server == f"tcp:{host}:{port}"
+
+
+@given(st.text(max_size=60))
+def test_arbitrary_text_is_a_url_or_a_config_error(text: str) -> None:
+    try:
+        url = parse_url(text)
+    except ConfigError as e:
+        assert e.field == "url"
+        return
+    # whatever is accepted carries nothing qemu or libguestfs could read as a separator
+    for part in (url.host, url.export, url.socket):
+        assert not set(part) & set(", \n\t\0")
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
+                                                                        max_size=3),
+                    max_leaves=10))
+def test_arbitrary_json_never_crashes(doc: object) -> None:
+    try:
+        parse_config(json.dumps(doc), "x.nbd")
+    except ConfigError as e:
+        assert str(e).startswith("x.nbd: ")
