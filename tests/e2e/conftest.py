@@ -1,0 +1,219 @@
+"""Fixtures for the end-to-end boots: what the clients boot, and a boot rig per TFTP server.
+
+A rig is one network namespace with a TFTP server on `SERVER_IP:69` that serves the client
+`CLIENT_IP` one merged boot tree:
+
+- ``tftpd-hpa``: Debian's tftpd-hpa over a plain directory holding that tree; it proves the
+  harness and the firmware on their own, so a failure of the product run is the product's.
+- ``vfsroot``: the product.  `vfsroot serve` mounts the source root (in the root namespace;
+  the mount is visible inside the namespace) and `vfsroot-tftpd` serves the mount.  `default/`
+  holds pxelinux.0 and ldlinux.c32; the per-MAC configs, the kernel and the initrds are on the
+  client's NBD disk (nbdkit on 127.0.0.1), whose `/boot` is the TFTP root.
+
+Both trees also hold a decoy `pxelinux.cfg/default` with another token, so a client that misses
+its per-MAC config cannot pass.  DHCP (dnsmasq) is started per test, for the MAC the test boots.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .harness import (
+    CLIENT_IP,
+    LDLINUX,
+    PXELINUX,
+    HarnessError,
+    Initrd,
+    NbdServer,
+    Netns,
+    VfsrootMount,
+    build_disk,
+    build_initrd,
+    dnsmasq_argv,
+    host_kernel,
+    mac_config_name,
+    nbd_config,
+    product_missing,
+    pxelinux_config,
+    stop_process,
+    tail,
+    tftpd_hpa_argv,
+    vfsroot_tftpd_argv,
+    wait_tftp,
+)
+
+MAC_IPXE = "52:54:00:e2:e0:01"
+MAC_BIG = "52:54:00:e2:e0:02"
+MAC_UBOOT = "52:54:00:e2:e0:03"
+#: Over 100 MB: more than 65535 blocks at any blksize the firmware asks for (≤ 1468).
+BIG_PAYLOAD = 110 * 1000 * 1000
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def e2e_host() -> None:
+    """The host can run the boots at all (root for namespaces, a tun device for qemu)."""
+    if os.geteuid() != 0:
+        pytest.skip("e2e boots need root: network namespaces, taps and FUSE mounts")
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("e2e boots need /dev/net/tun for qemu's tap NIC")
+    missing = [t for t in ("qemu-system-x86_64", "qemu-system-i386", "dnsmasq", "ip", "cpio",
+                           "curl", "sfdisk", "mkfs.ext4", "nbdkit") if not shutil.which(t)]
+    assert not missing, f"missing tools (scripts/debian-packages.txt installs them): {missing}"
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """What every client boots, and the per-MAC configs that say so."""
+
+    kernel: Path
+    small: Initrd
+    big: Initrd
+    #: MAC -> (config text, token printed if that config was used)
+    configs: dict[str, tuple[str, str]]
+    decoy: str
+
+    def boot_tree(self) -> dict[str, Path | bytes]:
+        """The client's boot files as its TFTP root sees them (kernel, initrds, configs)."""
+        tree: dict[str, Path | bytes] = {
+            "vmlinuz": self.kernel,
+            "initrd-small.img": self.small.path,
+            "initrd-big.img": self.big.path,
+        }
+        for mac, (text, _token) in self.configs.items():
+            tree[f"pxelinux.cfg/{mac_config_name(mac)}"] = text.encode()
+        return tree
+
+    def default_tree(self) -> dict[str, Path | bytes]:
+        """What every client shares (the source root's `default/`)."""
+        return {"pxelinux.0": PXELINUX, "ldlinux.c32": LDLINUX,
+                "pxelinux.cfg/default": self.decoy.encode()}
+
+
+@pytest.fixture(scope="session")
+def boot_files(e2e_host: None, tmp_path_factory: pytest.TempPathFactory) -> BootFiles:
+    work = tmp_path_factory.mktemp("bootfiles")
+    kernel = work / "vmlinuz"
+    shutil.copy2(host_kernel(), kernel)
+    small = build_initrd(work / "initrd-small.img", 1_000_000)
+    big = build_initrd(work / "initrd-big.img", BIG_PAYLOAD)
+    configs = {}
+    for mac, initrd in ((MAC_IPXE, "initrd-small.img"), (MAC_BIG, "initrd-big.img"),
+                        (MAC_UBOOT, "initrd-small.img")):
+        token = secrets.token_hex(8)
+        configs[mac] = (pxelinux_config("vmlinuz", initrd, token), token)
+    decoy = pxelinux_config("vmlinuz", "initrd-small.img", "decoy-" + secrets.token_hex(4))
+    return BootFiles(kernel, small, big, configs, decoy)
+
+
+def _materialise(root: Path, files: dict[str, Path | bytes]) -> None:
+    for rel, content in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            shutil.copy2(content, p)
+
+
+@dataclass
+class Rig:
+    kind: str
+    ns: Netns
+    work: Path
+    server_log: Path
+    #: the directory the client's TFTP root is (a plain dir, or the client's vfsroot view)
+    client_root: Path
+    extra_logs: tuple[Path, ...] = ()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{tail(p, 3000)}"
+                         for p in (self.server_log, *self.extra_logs))
+
+
+SERVERS = ["tftpd-hpa", "vfsroot"]
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    kind = request.param
+    if kind == "vfsroot" and (missing := product_missing()):
+        pytest.skip(f"product boot needs modules not landed yet: {', '.join(missing)}")
+    work = tmp_path_factory.mktemp(f"rig-{kind}")
+    with Netns(work) as ns:
+        if kind == "tftpd-hpa":
+            root = work / "tftproot"
+            _materialise(root, {**boot_files.default_tree(), **boot_files.boot_tree()})
+            log = work / "tftpd-hpa.log"
+            ns.popen(tftpd_hpa_argv(root), log)
+            wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=30)
+            yield Rig(kind, ns, work, log, root)
+            return
+
+        source, mount = work / "source", work / "mount"
+        _materialise(source / "default", boot_files.default_tree())
+        disk = work / "client.img"
+        build_disk(disk, {f"/boot/{k}": v for k, v in boot_files.boot_tree().items()})
+        nbd = NbdServer(disk, work / "nbdkit.log").start()
+        try:
+            (source / f"{CLIENT_IP}.nbd").write_text(nbd_config(nbd.url))
+            daemon_log = work / "vfsroot.log"
+            with VfsrootMount(source, mount, daemon_log):
+                client_root = mount / CLIENT_IP
+                # Attach the disk (an appliance launch: 25-45 s under TCG) before any firmware
+                # asks, and check the disk's bytes come through the mount.
+                cfg = f"pxelinux.cfg/{mac_config_name(MAC_IPXE)}"
+                _wait_file(client_root / cfg, boot_files.configs[MAC_IPXE][0].encode(),
+                           daemon_log, timeout=240)
+                log = work / "vfsroot-tftpd.log"
+                ns.popen(vfsroot_tftpd_argv(mount), log)
+                wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=30)
+                yield Rig(kind, ns, work, log, client_root, (daemon_log, work / "nbdkit.log"))
+        finally:
+            nbd.stop()
+
+
+def _wait_file(path: Path, expect: bytes, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if path.read_bytes() == expect:
+                return
+            last = "content differs"
+        except OSError as e:
+            last = e
+        time.sleep(1)
+    raise HarnessError(f"{path} never showed the disk's file ({last}):\n{tail(log)}")
+
+
+@pytest.fixture
+def dhcp(rig: Rig) -> Iterator[Callable[[str], Path]]:
+    """Start dnsmasq on the rig's bridge giving `mac` CLIENT_IP; returns its log."""
+    procs: list[subprocess.Popen] = []
+
+    def start(mac: str) -> Path:
+        log = rig.work / "dnsmasq.log"
+        (rig.work / "dnsmasq.leases").unlink(missing_ok=True)
+        procs.append(rig.ns.popen(dnsmasq_argv(rig.work, {mac: CLIENT_IP}), log))
+        return log
+
+    yield start
+    for proc in procs:
+        stop_process(proc, grace=5)

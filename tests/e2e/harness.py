@@ -1,0 +1,616 @@
+"""Real boot firmware against real servers, inside a network namespace the test makes.
+
+Everything a boot needs is built or unpacked here, from Debian packages only:
+
+- `Netns`: a namespace with a bridge (`br0`, the server side, `SERVER_IP`) and a tap (`tap0`,
+  qemu's NIC).  Nothing is routed out of it.  Closing it kills every process it still holds.
+- `dnsmasq_argv`: DHCP only (`port=0`), fixed client address per MAC, boot file and next-server
+  pointing at the TFTP server on the bridge, and a router advertisement so iPXE does not wait
+  ~13 s for IPv6.
+- `build_initrd`: a busybox initramfs whose /init prints the `vfsroot_token=` from the kernel
+  command line and the sha256 of /payload, then powers off.  busybox-static is unpacked from its
+  .deb (`apt-get download` + `dpkg -x`): installing it would replace the system's busybox.
+- `build_disk`: a partitioned disk image (MBR, one ext4 partition) made without root mounts;
+  `NbdServer` serves it read-only with nbdkit on 127.0.0.1.
+- `boot_ipxe`: qemu under TCG with Debian's iPXE ROM; `UBoot`: qemu-system-i386 with Debian's
+  32-bit U-Boot, driven over a serial socket that qemu waits on (`wait=on`), so the 2 s autoboot
+  prompt is never missed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+CACHE = Path(os.environ.get("VFSROOT_E2E_CACHE", "/var/tmp/vfsroot-e2e"))
+
+SUBNET_PREFIX = "10.77.0"
+SERVER_IP = f"{SUBNET_PREFIX}.1"
+CLIENT_IP = f"{SUBNET_PREFIX}.100"
+RA_PREFIX = "fd77::"
+
+PXELINUX = Path("/usr/lib/PXELINUX/pxelinux.0")
+LDLINUX = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+UBOOT_ROM = Path("/usr/lib/u-boot/qemu-x86/u-boot.rom")
+IPXE_VIRTIO_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+
+#: Environment for anything that launches a libguestfs appliance: KVM hangs on these hosts.
+GUESTFS_ENV = {"LIBGUESTFS_BACKEND_SETTINGS": "force_tcg"}
+
+
+class HarnessError(RuntimeError):
+    """Something the harness needs did not work; the message says what and where to look."""
+
+
+def run(argv: Sequence[str | os.PathLike], timeout: float = 120, **kw) -> str:
+    """Run a command to completion; on failure raise with its output in the message."""
+    try:
+        cp = subprocess.run([str(a) for a in argv], capture_output=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise HarnessError(f"{argv[0]} timed out after {timeout} s") from e
+    if cp.returncode != 0:
+        raise HarnessError(
+            f"{' '.join(map(str, argv))} exited {cp.returncode}: "
+            f"{cp.stderr.decode(errors='replace')[-2000:]}"
+        )
+    return cp.stdout.decode(errors="replace")
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_bytes()[-n:].decode(errors="replace")
+    except OSError as e:
+        return f"<{path}: {e}>"
+
+
+# --- packages unpacked, not installed -----------------------------------------------------------
+
+@contextlib.contextmanager
+def _cache_lock() -> Iterator[None]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / ".lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def unpacked_deb(package: str) -> Path:
+    """`apt-get download` + `dpkg -x` one package into the cache; return the unpacked tree."""
+    dest = CACHE / "unpacked" / package
+    if (dest / ".done").exists():
+        return dest
+    with _cache_lock():
+        if (dest / ".done").exists():
+            return dest
+        debs = CACHE / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        for f in debs.glob(f"{package}_*.deb"):
+            f.unlink()
+        try:
+            run(["apt-get", "download", package], cwd=debs, timeout=300)
+        except HarnessError:
+            # A machine that never ran `apt-get update` has no package lists yet.
+            run(["apt-get", "update", "-q"], timeout=600)
+            run(["apt-get", "download", package], cwd=debs, timeout=300)
+        (deb,) = debs.glob(f"{package}_*.deb")
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        run(["dpkg", "-x", deb, dest])
+        (dest / ".done").touch()
+    return dest
+
+
+def busybox() -> Path:
+    return unpacked_deb("busybox-static") / "bin" / "busybox"
+
+
+def tftpd_hpa() -> Path:
+    return unpacked_deb("tftpd-hpa") / "usr" / "sbin" / "in.tftpd"
+
+
+def host_kernel() -> Path:
+    """The newest Debian kernel in /boot (libguestfs-tools pulls one in for its appliance)."""
+    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+    if not kernels:
+        raise HarnessError("no /boot/vmlinuz-*: install linux-image-amd64")
+    return Path(kernels[-1])
+
+
+# --- what the client boots ----------------------------------------------------------------------
+
+INIT = """#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+for w in $(/bin/busybox cat /proc/cmdline); do
+  case $w in vfsroot_token=*) echo "VFSROOT-TOKEN=${w#vfsroot_token=}";; esac
+done
+echo "VFSROOT-SHA256=$(/bin/busybox sha256sum /payload | /bin/busybox cut -d' ' -f1)"
+/bin/busybox poweroff -f
+"""
+
+
+@dataclass(frozen=True)
+class Initrd:
+    path: Path
+    payload_sha256: str
+
+
+def build_initrd(dest: Path, payload_bytes: int) -> Initrd:
+    """An uncompressed newc cpio: busybox, /init, and `payload_bytes` of random /payload."""
+    tree = dest.parent / (dest.name + ".tree")
+    shutil.rmtree(tree, ignore_errors=True)
+    for d in ("bin", "proc", "dev"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy2(busybox(), tree / "bin" / "busybox")
+    (tree / "init").write_text(INIT)
+    (tree / "init").chmod(0o755)
+    h = hashlib.sha256()
+    with (tree / "payload").open("wb") as f:
+        left = payload_bytes
+        while left:
+            chunk = os.urandom(min(left, 4 * MiB))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    names = run(["find", "."], cwd=tree)
+    with dest.open("wb") as out:
+        cp = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,
+                            input=names.encode(), stdout=out, stderr=subprocess.PIPE, timeout=120)
+    if cp.returncode != 0:
+        raise HarnessError(f"cpio failed: {cp.stderr.decode(errors='replace')}")
+    shutil.rmtree(tree)
+    return Initrd(dest, h.hexdigest())
+
+
+def mac_config_name(mac: str) -> str:
+    """PXELINUX's and U-Boot's per-MAC config name: `01-` + the MAC with dashes."""
+    return "01-" + mac.lower().replace(":", "-")
+
+
+def pxelinux_config(kernel: str, initrd: str, token: str) -> str:
+    # No SERIAL directive: with -nographic SeaBIOS already mirrors the console to serial.
+    return (
+        "DEFAULT e2e\n"
+        "LABEL e2e\n"
+        f"  KERNEL {kernel}\n"
+        f"  INITRD {initrd}\n"
+        f"  APPEND console=ttyS0 quiet panic=-1 vfsroot_token={token}\n"
+    )
+
+
+def crc32_file(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(4 * MiB):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- client disks -------------------------------------------------------------------------------
+
+def build_disk(dest: Path, files: dict[str, Path | bytes], size: int | None = None) -> None:
+    """An MBR disk with one ext4 partition (from 1 MiB) holding `files` (guest path -> content).
+
+    mkfs.ext4 writes the filesystem straight into the partition (`-E offset=`) from a staging
+    directory (`-d`), so no loop device or mount is involved.
+    """
+    stage = dest.parent / (dest.name + ".root")
+    shutil.rmtree(stage, ignore_errors=True)
+    total = 0
+    for guest, content in files.items():
+        p = stage / guest.lstrip("/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            os.link(content, p) if _same_fs(content, p.parent) else shutil.copy2(content, p)
+        total += p.stat().st_size
+    if size is None:
+        size = ((total * 5 // 4 + 32 * MiB) // MiB + 1) * MiB
+    with dest.open("wb") as f:
+        f.truncate(size)
+    run(["sfdisk", "-q", dest], input=b"label: dos\nstart=2048, type=83\n")
+    run(["mkfs.ext4", "-q", "-F", "-L", "boot", "-E", f"offset={MiB}", "-d", stage, dest,
+         f"{(size - MiB) // 1024}k"], timeout=300)
+    shutil.rmtree(stage)
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NbdServer:
+    """nbdkit serving one image read-only on 127.0.0.1 (a stand-in for the fleet's NBD host)."""
+
+    def __init__(self, image: Path, log: Path) -> None:
+        self.image = image
+        self.log = log
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def start(self) -> NbdServer:
+        for _ in range(5):
+            self.port = free_port()
+            with self.log.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    ["nbdkit", "-f", "-r", "--exit-with-parent", "-i", "127.0.0.1",
+                     "-p", str(self.port), "file", str(self.image)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                )
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            self.stop()  # the port was taken meanwhile, or nbdkit is broken: try again
+        raise HarnessError(f"nbdkit did not start; see {self.log}:\n{tail(self.log)}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        self.proc = None
+
+
+def nbd_config(url: str) -> str:
+    """The client's `SRC/<ip>.nbd`: the disk's first partition is /, TFTP serves its /boot."""
+    return json.dumps({"url": url, "mounts": [{"partition": 1, "mountpoint": "/"}],
+                       "tftp_root": "/boot"}, indent=2) + "\n"
+
+
+# --- processes and the namespace ----------------------------------------------------------------
+
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; always reaps."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(10)
+
+
+@dataclass
+class Netns:
+    """A private network namespace: `br0` = SERVER_IP/24 (+ RA_PREFIX/64), `tap0` on the bridge.
+
+    Use as a context manager; `close()` stops what `popen` started, kills whatever
+    `ip netns pids` still lists, and deletes the namespace.
+    """
+
+    workdir: Path
+    name: str = field(default_factory=lambda: f"vfsr-e2e-{os.getpid()}-{secrets.token_hex(3)}")
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def __enter__(self) -> Netns:
+        run(["ip", "netns", "add", self.name])
+        try:
+            for cmd in (
+                ["link", "set", "lo", "up"],
+                # tftpd-hpa exits 66 in a namespace whose loopback has only 127.0.0.1.
+                ["addr", "add", "127.0.0.2/8", "dev", "lo"],
+                ["link", "add", "br0", "type", "bridge"],
+                ["tuntap", "add", "tap0", "mode", "tap"],
+                ["link", "set", "tap0", "master", "br0"],
+                ["addr", "add", f"{SERVER_IP}/24", "dev", "br0"],
+                ["addr", "add", f"{RA_PREFIX}1/64", "dev", "br0", "nodad"],
+                ["link", "set", "br0", "up"],
+                ["link", "set", "tap0", "up"],
+            ):
+                run(["ip", "-n", self.name, *cmd])
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def argv(self, argv: Sequence[str | os.PathLike]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *map(str, argv)]
+
+    def popen(self, argv: Sequence[str | os.PathLike], log: Path, **kw) -> subprocess.Popen:
+        """Start `argv` inside the namespace (directly, so the PID is the real one)."""
+        with log.open("ab") as out:
+            proc = subprocess.Popen(self.argv(argv), stdin=kw.pop("stdin", subprocess.DEVNULL),
+                                    stdout=out, stderr=subprocess.STDOUT, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def pids(self) -> list[int]:
+        try:
+            out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                                 timeout=10).stdout.decode()
+        except subprocess.TimeoutExpired:
+            return []
+        return [int(p) for p in out.split()]
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc, grace=5)
+        self.procs.clear()
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+
+
+def dnsmasq_argv(workdir: Path, hosts: dict[str, str], boot_file: str = "pxelinux.0",
+                 tftp_server: str = SERVER_IP) -> list[str]:
+    """DHCP (and an IPv6 RA) on br0 only; no DNS (`port=0`); `hosts` maps MAC -> address."""
+    argv = [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0", "--no-ping",
+        "--interface=br0", "--bind-interfaces", "--log-dhcp", "--log-facility=-",
+        f"--dhcp-leasefile={workdir / 'dnsmasq.leases'}", f"--pid-file={workdir / 'dnsmasq.pid'}",
+        f"--dhcp-range={SUBNET_PREFIX}.100,{SUBNET_PREFIX}.199,255.255.255.0,1h",
+        f"--dhcp-boot={boot_file},,{tftp_server}",
+        "--enable-ra", f"--dhcp-range={RA_PREFIX},ra-only",
+    ]
+    argv += [f"--dhcp-host={mac},{ip}" for mac, ip in hosts.items()]
+    return argv
+
+
+def tftpd_hpa_argv(root: Path, address: str = f"{SERVER_IP}:69") -> list[str]:
+    return [tftpd_hpa(), "--foreground", "--address", address, "--secure", "--verbose",
+            "--verbose", root]
+
+
+def wait_tftp(ns: Netns, path: str, expect: bytes, log: Path, timeout: float = 240) -> None:
+    """Fetch `path` over TFTP from inside the namespace (as SERVER_IP) until it matches."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        cp = subprocess.run(ns.argv(["curl", "-sS", "--max-time", "30", "-o", "-",
+                                     f"tftp://{SERVER_IP}/{path}"]),
+                            capture_output=True, timeout=60)
+        if cp.returncode == 0 and cp.stdout == expect:
+            return
+        last = cp.stderr.decode(errors="replace") or f"{len(cp.stdout)} bytes, not the file"
+        time.sleep(0.5)
+    raise HarnessError(f"TFTP server never served {path}: {last}\n{tail(log)}")
+
+
+# --- firmware -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BootResult:
+    console: str
+    seconds: float
+
+    def value(self, key: str) -> str | None:
+        m = re.search(rf"VFSROOT-{key}=(\S+)", self.console)
+        return m.group(1) if m else None
+
+
+def boot_ipxe(ns: Netns, mac: str, log: Path, timeout: float, memory_mb: int = 512) -> BootResult:
+    """PXE-boot a qemu (TCG) with Debian's iPXE virtio ROM; wait for it to power off."""
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-nographic",
+        "-no-reboot", "-boot", "n",
+        "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+        # The ROM carries the modern virtio ID: without disable-legacy SeaBIOS skips it.
+        "-device", f"virtio-net-pci,disable-legacy=on,netdev=n0,mac={mac},"
+                   f"romfile={IPXE_VIRTIO_ROM}",
+    ]
+    start = time.monotonic()
+    proc = ns.popen(argv, log)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        stop_process(proc, grace=2)
+    return BootResult(log.read_bytes().decode(errors="replace"), time.monotonic() - start)
+
+
+class UBoot:
+    """qemu-system-i386 running Debian's 32-bit qemu-x86 U-Boot, its serial console a socket."""
+
+    PROMPT = b"\n=> "  # at a line start: crc32 prints "==> "
+
+    def __init__(self, ns: Netns, mac: str, workdir: Path, memory_mb: int = 512) -> None:
+        self.ns = ns
+        self.log = workdir / "uboot-qemu.log"
+        self.console_log = workdir / "uboot-console.log"
+        self.sock_path = workdir / "uboot-serial.sock"
+        self.mac = mac
+        self.memory_mb = memory_mb
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.transcript = b""
+        self._buf = b""
+
+    def __enter__(self) -> UBoot:
+        with contextlib.suppress(FileNotFoundError):
+            self.sock_path.unlink()
+        self.proc = self.ns.popen([
+            "qemu-system-i386", "-accel", "tcg", "-m", str(self.memory_mb),
+            "-bios", UBOOT_ROM, "-display", "none", "-no-reboot", "-monitor", "none",
+            "-chardev", f"socket,id=s0,path={self.sock_path},server=on,wait=on",
+            "-serial", "chardev:s0",
+            "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+            "-device", f"e1000,netdev=n0,mac={self.mac}",
+        ], self.log)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    s = socket.socket(socket.AF_UNIX)
+                    s.connect(str(self.sock_path))
+                    break
+                except OSError:
+                    s.close()
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        raise HarnessError(f"qemu serial socket never came up:\n"
+                                           f"{tail(self.log)}") from None
+                    time.sleep(0.05)
+            s.settimeout(0.2)
+            self.sock = s
+            self.expect(b"Hit any key", 120)
+            self.sock.sendall(b" ")
+            self.expect(self.PROMPT, 30)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            stop_process(self.proc, grace=2)
+            self.proc = None
+        self.console_log.write_bytes(self.transcript)
+
+    def expect(self, pattern: bytes, timeout: float) -> bytes:
+        """Read until `pattern`; return what came before it."""
+        assert self.sock is not None
+        deadline = time.monotonic() + timeout
+        while (i := self._buf.find(pattern)) < 0:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"U-Boot: no {pattern!r} within {timeout} s; console ends:\n"
+                                   f"{self.transcript[-3000:].decode(errors='replace')}")
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                raise HarnessError("U-Boot: serial console closed (qemu exited):\n"
+                                   f"{self.transcript[-3000:].decode(errors='replace')}")
+            self._buf += data
+            self.transcript += data
+        before, self._buf = self._buf[:i], self._buf[i + len(pattern):]
+        return before
+
+    def command(self, cmd: str, timeout: float = 60) -> str:
+        """Type one command line; return its output (without the echo and the next prompt)."""
+        assert self.sock is not None
+        self.sock.sendall(cmd.encode() + b"\n")
+        out = self.expect(self.PROMPT, timeout).decode(errors="replace")
+        return out.split("\n", 1)[1] if "\n" in out else ""
+
+    def crc32(self, addr: str, size: str = "${filesize}") -> int:
+        out = self.command(f"crc32 {addr} {size}")
+        m = re.search(r"==>\s*([0-9a-fA-F]{8})", out)
+        if not m:
+            raise HarnessError(f"U-Boot crc32 printed no checksum: {out!r}")
+        return int(m.group(1), 16)
+
+
+# --- our product --------------------------------------------------------------------------------
+
+def product_missing() -> list[str]:
+    """Modules of ours the product runs need that are not importable yet (names for skips)."""
+    import importlib.util
+
+    missing = []
+    for mod in ("vfsroot.cli", "vfsroot.disks", "tftpd.cli"):
+        try:
+            if importlib.util.find_spec(mod) is None:
+                missing.append(mod)
+        except ImportError:
+            missing.append(mod)
+    return missing
+
+
+def entry_point(name: str) -> list[str]:
+    """Our console script next to the running interpreter (the venv's bin/)."""
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    module = {"vfsroot": "vfsroot.cli", "vfsroot-tftpd": "tftpd.cli"}[name]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+class VfsrootMount:
+    """`vfsroot serve --source SRC --mount M` in the root namespace; unmounted on close."""
+
+    def __init__(self, source: Path, mount: Path, log: Path) -> None:
+        self.source = source
+        self.mount = mount
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> VfsrootMount:
+        self.mount.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **GUESTFS_ENV}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [*entry_point("vfsroot"), "serve", "--source", str(self.source),
+                 "--mount", str(self.mount)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while not os.path.ismount(self.mount):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise HarnessError(f"vfsroot never mounted {self.mount}:\n{tail(self.log)}")
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace=20)
+            self.proc = None
+        if os.path.ismount(self.mount):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], capture_output=True,
+                           timeout=30)
+
+
+def vfsroot_tftpd_argv(root: Path, address: str = f"{SERVER_IP}:69") -> list[str]:
+    return [*entry_point("vfsroot-tftpd"), "--root", str(root), "--listen", address]
