@@ -79,7 +79,8 @@ class ClientRoots:
         base = self.directory_for(client_ip)
         full = os.path.join(base, relpath)
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            # O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer forever.
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise OpenRefused(1, "file not found") from None
         except NotADirectoryError:
@@ -100,6 +101,7 @@ class ClientRoots:
                 raise OpenRefused(2, "not a regular file")
             if not self.follow_outside_symlinks:
                 self._check_inside(base, full)
+            os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise

@@ -373,6 +373,11 @@ class TftpServer:
         log.info("stopped stats=%s", " ".join(f"{k}={v}" for k, v in
                                                 self.stats.as_dict().items()))
 
+    async def wait_idle(self) -> None:
+        """Return once no transfer is running (at once if none is)."""
+        while self.stats.active:
+            await self._idle.wait()
+
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting requests; running transfers get ``grace`` seconds to finish."""
         if grace is not None:

@@ -106,7 +106,7 @@ class Negotiated:
 
 def _int_option(value: str) -> int | None:
     value = value.strip()
-    if not value.isdigit() or len(value) > 10:
+    if not (value.isascii() and value.isdigit()) or len(value) > 10:
         return None
     return int(value)
 

@@ -1,0 +1,52 @@
+"""Option negotiation (pure): only asked options are answered, values clamped to the RFCs."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tftpd.session import TransferPolicy, negotiate
+
+POLICY = TransferPolicy(blksize_max=1468, windowsize_max=64, retransmit_timeout=0.5)
+
+
+def test_no_options_no_oack() -> None:
+    neg = negotiate({}, POLICY, tsize=100)
+    assert (neg.blksize, neg.windowsize, neg.oack) == (512, 1, {})
+
+
+def test_uefi_probe() -> None:
+    neg = negotiate({"tsize": "0", "blksize": "1468"}, POLICY, tsize=12345)
+    assert neg.oack == {"tsize": "12345", "blksize": "1468"}
+    assert list(neg.oack) == ["tsize", "blksize"]  # the client's order
+
+
+def test_clamps_and_ignores() -> None:
+    neg = negotiate({"blksize": "65464", "windowsize": "65535", "timeout": "5", "x": "1"},
+                    POLICY, tsize=0)
+    assert neg.oack == {"blksize": "1468", "windowsize": "64", "timeout": "5"}
+    assert (neg.blksize, neg.windowsize, neg.timeout) == (1468, 64, 5.0)
+    for bad in ({"blksize": "7"}, {"blksize": "abc"}, {"blksize": "-1"}, {"timeout": "0"},
+                {"timeout": "256"}, {"windowsize": "0"}, {"tsize": "x"}, {"blksize": ""}):
+        neg = negotiate(bad, POLICY, tsize=1)
+        assert neg.oack == {}, bad
+        assert (neg.blksize, neg.windowsize) == (512, 1)
+
+
+def test_mtu_cap() -> None:
+    neg = negotiate({"blksize": "9000"}, TransferPolicy(blksize_max=65464), tsize=0,
+                    blksize_cap=1472)
+    assert neg.blksize == 1472
+
+
+@given(st.dictionaries(st.sampled_from(["blksize", "tsize", "timeout", "windowsize", "foo"]),
+                       st.one_of(st.integers(-5, 100000).map(str), st.text(max_size=6))))
+def test_never_answers_unasked_and_stays_in_range(options: dict[str, str]) -> None:
+    neg = negotiate(options, POLICY, tsize=42)
+    assert set(neg.oack) <= set(options) - {"foo"}
+    assert 8 <= neg.blksize <= 1468
+    assert 1 <= neg.windowsize <= 64
+    if "blksize" in neg.oack:
+        assert int(neg.oack["blksize"]) == neg.blksize
+    if "tsize" in neg.oack:
+        assert neg.oack["tsize"] == "42"

@@ -1,0 +1,397 @@
+"""Transfers through our own client and raw packets: options, windows, rollover, retransmission
+rules, probes, limits, isolation."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from tftpd import packets
+from tftpd.client import TftpError, fetch
+from tftpd.packets import Data, Error, OptionAck
+from tftpd.server import ListenSpec
+from tftpd.session import TransferPolicy
+
+from .conftest import CLIENT_A, CLIENT_B, LOCAL
+from .helpers import FAST, RawClient, file_sha256, running
+
+SLOW_RETRANSMIT = replace(FAST, retransmit_timeout=5.0)
+
+
+@pytest.mark.parametrize(("name", "blksize", "windowsize"), [
+    ("1m.bin", None, None), ("secret-a", 8, None), ("1m.bin", 1428, None),
+    ("1m.bin", 1468, 16), ("1m.bin", 512, 64), ("1m.bin", 1024, 7), ("secret-a", 8, 64),
+])
+async def test_fetch_with_options(tree: Path, name: str, blksize: int | None,
+                                  windowsize: int | None) -> None:
+    path = tree / CLIENT_A / name
+    want, size = file_sha256(path), path.stat().st_size
+    async with running(tree) as (server, addr):
+        res = await fetch(addr, name, blksize=blksize, windowsize=windowsize, tsize=True,
+                          bind=CLIENT_A)
+    assert (res.size, res.sha256) == (size, want)
+    assert res.options["tsize"] == str(size)
+    if blksize:
+        assert res.options["blksize"] == str(blksize)
+    if windowsize:
+        assert res.options["windowsize"] == str(windowsize)
+    assert server.stats.completed == 1
+    assert server.stats.retransmits == 0
+
+
+async def test_small_edge_sizes(tree: Path) -> None:
+    async with running(tree) as (server, addr):
+        empty = await fetch(addr, "empty", bind=CLIENT_A)
+        exact = await fetch(addr, "exact512", bind=CLIENT_A)
+        exact_w = await fetch(addr, "exact512", bind=CLIENT_A, windowsize=4)
+    assert (empty.size, empty.blocks) == (0, 1)  # one empty DATA ends it
+    assert (exact.size, exact.blocks) == (512, 2)  # full block, then an empty one
+    assert (exact_w.size, exact_w.blocks) == (512, 2)
+    assert server.stats.completed == 3
+
+
+async def test_blksize_is_capped_by_the_operator(tree: Path) -> None:
+    async with running(tree) as (_server, addr):
+        res = await fetch(addr, "1m.bin", blksize=65464, windowsize=1000, bind=CLIENT_A)
+    assert res.options == {"blksize": "1468", "windowsize": "64"}
+    assert res.size == 1 << 20
+
+
+async def test_unknown_and_malformed_options_are_not_answered(tree: Path) -> None:
+    async with running(tree) as (_server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("whoami", **{"BLKSIZE": 600, "x-vendor": 1, "timeout": 0, "TSize": 0})
+            oack = await c.expect(OptionAck)
+            assert oack.options == {"blksize": "600", "tsize": str(len(CLIENT_A) + 1)}
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("whoami", **{"x-vendor": 1, "blksize": 4})
+            data = await c.expect(Data)  # nothing acceptable asked: plain RFC 1350
+            assert data == Data(1, (CLIENT_A + "\n").encode())
+
+
+async def test_netascii_is_converted(tree: Path) -> None:
+    text = b"line one\nline two\r\nbare cr\r end\n"
+    (tree / CLIENT_A / "text.cfg").write_bytes(text)
+    want = text.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+    got = bytearray()
+    async with running(tree) as (_server, addr):
+        res = await fetch(addr, "text.cfg", mode="netascii", tsize=True, bind=CLIENT_A,
+                          sink=got.extend)
+    assert bytes(got) == want
+    assert res.options["tsize"] == str(len(want))
+
+
+async def test_netascii_large_file_across_chunks(tree: Path) -> None:
+    lines = b"".join(b"%06d\n" % i for i in range(60000))  # 420 kB, > read-ahead chunk
+    (tree / CLIENT_A / "lines.txt").write_bytes(lines)
+    got = bytearray()
+    async with running(tree) as (_server, addr):
+        await fetch(addr, "lines.txt", mode="netascii", blksize=1000, windowsize=4,
+                    bind=CLIENT_A, sink=got.extend)
+    assert bytes(got) == lines.replace(b"\n", b"\r\n")
+
+
+async def test_rollover_lockstep_512(rollover_tree: tuple[Path, str]) -> None:
+    root, digest = rollover_tree
+    async with running(root) as (server, addr):
+        res = await fetch(addr, "33m.bin", blksize=512, bind=LOCAL)
+    assert res.sha256 == digest
+    assert res.blocks > 65536
+    assert server.stats.completed == 1
+
+
+async def test_rollover_inside_windows(rollover_tree: tuple[Path, str]) -> None:
+    """Window 48 at 512 bytes: windows start at multiples of 48, so one spans 65535 -> 0."""
+    root, digest = rollover_tree
+    async with running(root) as (_server, addr):
+        res = await fetch(addr, "33m.bin", blksize=512, windowsize=48, bind=LOCAL)
+    assert 65536 % 48 != 0  # the wrap falls inside a window
+    assert res.sha256 == digest
+
+
+async def test_errors_are_clear(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tftpd")
+    async with running(tree) as (server, addr):
+        with pytest.raises(TftpError) as exc:
+            await fetch(addr, "no-such-file", bind=CLIENT_A)
+        assert exc.value.code == 1
+        with pytest.raises(TftpError) as exc:
+            await fetch(addr, "subdir", bind=CLIENT_A)
+        assert exc.value.code == 2 and "directory" in exc.value.message
+        with pytest.raises(TftpError) as exc:
+            await fetch(addr, "whoami", mode="mail", bind=CLIENT_A)
+        assert exc.value.code == 4 and "mode" in exc.value.message
+        with RawClient(addr, CLIENT_A) as c:
+            c.send_raw(packets.encode_request(packets.OP_WRQ, "upload", "octet", {}))
+            err = await c.expect(Error)
+            assert err.code == 2 and "uploads are not supported" in err.message
+    assert server.stats.not_found == 1
+    assert server.stats.refused == 3
+    nf = [r for r in caplog.records if "no-such-file" in r.getMessage()]
+    assert len(nf) == 1 and nf[0].levelno == logging.INFO  # probes are normal
+
+
+async def test_one_log_line_per_transfer(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tftpd")
+    async with running(tree) as (_server, addr):
+        await fetch(addr, "1m.bin", blksize=1428, windowsize=8, bind=CLIENT_A)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("transfer ")]
+    assert len(lines) == 1
+    line = lines[0]
+    for part in (f"client={CLIENT_A}", "file='1m.bin'", f"bytes={1 << 20}", "seconds=", "MB/s=",
+                 "options=blksize=1428,windowsize=8", "retransmits=0", "outcome=ok"):
+        assert part in line, (part, line)
+
+
+async def test_clients_are_isolated(tree: Path) -> None:
+    """127.0.0.10 never reads 127.0.0.11's directory, however it spells the name."""
+    async with running(tree) as (server, addr):
+        got = bytearray()
+        await fetch(addr, "whoami", bind=CLIENT_A, sink=got.extend)
+        assert bytes(got) == f"{CLIENT_A}\n".encode()
+        got.clear()
+        await fetch(addr, "/whoami", bind=CLIENT_B, sink=got.extend)  # iPXE's leading slash
+        assert bytes(got) == f"{CLIENT_B}\n".encode()
+        got.clear()
+        await fetch(addr, "\\pxelinux.cfg\\default", bind=CLIENT_B, sink=got.extend)
+        assert bytes(got) == f"DEFAULT {CLIENT_B}\n".encode()
+        escapes = {
+            "secret-b": 1,
+            f"../{CLIENT_B}/secret-b": 2,
+            f"/../{CLIENT_B}/secret-b": 2,
+            f"..\\{CLIENT_B}\\secret-b": 2,
+            f"pxelinux.cfg/../../{CLIENT_B}/secret-b": 2,
+            f"{CLIENT_B}/secret-b": 1,
+            "secret-b\n": 2,
+            "\x01": 2,
+        }
+        for name, code in escapes.items():
+            with pytest.raises(TftpError) as exc:
+                await fetch(addr, name, bind=CLIENT_A)
+            assert exc.value.code == code, name
+        (tree / CLIENT_A / "evil").symlink_to(f"../{CLIENT_B}/secret-b")
+        with pytest.raises(TftpError) as exc:
+            await fetch(addr, "evil", bind=CLIENT_A)
+        assert exc.value.code == 2
+        # NUL inside the name: the name ends there and "b\0octet" is not a mode we serve.
+        with RawClient(addr, CLIENT_A) as c:
+            c.send_raw(b"\x00\x01secret-a\x00b\x00octet\x00")
+            err = await c.expect(Error)
+            assert err.code == 4
+    assert server.stats.completed == 3
+
+
+async def test_duplicate_ack_resends_exactly_once(tree: Path) -> None:
+    """U-Boot re-sends its last ACK after its own timeout: one resend per duplicate."""
+    async with running(tree, policy=SLOW_RETRANSMIT) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a")
+            assert (await c.expect(Data)).block == 1
+            c.ack(1)
+            d2 = await c.expect(Data)
+            assert d2.block == 2
+            for _ in range(3):  # three U-Boot timeouts in a row
+                await trio.sleep(0.05)
+                c.ack(1)
+                again = await c.expect(Data, timeout=1.0)
+                assert again == d2
+                assert await c.quiet(0.15) == []  # exactly one, no storm
+            c.ack(2)
+            assert (await c.expect(Data)).block == 3
+            c.send_peer(packets.encode_error(0, "done"))
+    assert server.stats.duplicate_acks == 3
+    assert server.stats.retransmits == 3
+    assert server.stats.aborted_by_client == 1
+
+
+async def test_sorcerers_apprentice_is_not_amplified(tree: Path) -> None:
+    """A client that ACKs every DATA twice must not make us send every block twice."""
+    async with running(tree, policy=SLOW_RETRANSMIT) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a")  # 70000 bytes: 137 blocks
+            received = 0
+            while True:
+                d = await c.expect(Data)
+                received += 1
+                c.ack(d.block)
+                c.ack(d.block)
+                if len(d.payload) < 512:
+                    break
+    blocks = 70000 // 512 + 1
+    assert received <= blocks * 1.1, (received, blocks)
+    assert server.stats.duplicate_acks >= blocks - 2
+
+
+async def test_stale_and_future_acks_are_ignored(tree: Path) -> None:
+    async with running(tree, policy=SLOW_RETRANSMIT) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a")
+            await c.expect(Data)
+            c.ack(1)
+            await c.expect(Data)
+            c.ack(2)
+            assert (await c.expect(Data)).block == 3
+            for odd in (40000, 9, 0, 65535, 1):  # never sent, or long acknowledged
+                c.ack(odd)
+            assert await c.quiet(0.2) == []
+            c.ack(3)
+            assert (await c.expect(Data)).block == 4
+            c.send_peer(packets.encode_error(0, "enough"))
+    assert server.stats.aborted_by_client == 1
+
+
+async def test_windowed_mid_window_ack_restarts_after_it(tree: Path) -> None:
+    async with running(tree, policy=SLOW_RETRANSMIT) as (_server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a", windowsize=4)
+            await c.expect(OptionAck)
+            c.ack(0)
+            assert [(await c.expect(Data)).block for _ in range(4)] == [1, 2, 3, 4]
+            await trio.sleep(0.05)
+            c.ack(2)  # "I lost 3"
+            assert [(await c.expect(Data)).block for _ in range(4)] == [3, 4, 5, 6]
+            assert await c.quiet(0.1) == []
+            c.send_peer(packets.encode_error(0, "enough"))
+
+
+async def test_timeout_retransmits_then_gives_up(tree: Path) -> None:
+    policy = TransferPolicy(retransmit_timeout=0.05, retries=3)
+    async with running(tree, policy=policy) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a")
+            seen = [await c.expect(Data) for _ in range(4)]  # first + 3 retransmissions
+            assert {d.block for d in seen} == {1}
+            err = await c.expect(Error)
+            assert "timed out" in err.message
+    assert server.stats.timeouts == 1
+    assert server.stats.retransmits == 3
+
+
+async def test_client_timeout_option_sets_the_retransmit_interval(tree: Path) -> None:
+    async with running(tree, policy=replace(FAST, retransmit_timeout=0.05)) as (_s, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a", timeout=1)
+            await c.expect(OptionAck)
+            assert await c.quiet(0.5) == []  # 1 s asked: no resend at 0.05 s
+            assert isinstance((await c.recv(1.0))[0], OptionAck)
+
+
+async def test_tsize_probe_then_abort_is_quiet(tree: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """PXE/UEFI/RPi: tsize, read the OACK, ERROR, then fetch again from a new port."""
+    caplog.set_level(logging.DEBUG, logger="tftpd")
+    async with running(tree) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a", tsize=0, blksize=1468)
+            oack = await c.expect(OptionAck)
+            assert oack.options == {"tsize": "70000", "blksize": "1468"}
+            c.send_peer(packets.encode_error(8, "User aborted the transfer"))
+            assert await c.quiet(0.5) == []  # never answer an ERROR
+        res = await fetch(addr, "secret-a", tsize=True, blksize=1468, bind=CLIENT_A)
+        assert res.size == 70000
+    assert server.stats.aborted_by_client == 1
+    assert server.stats.completed == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_retransmitted_rrq_does_not_start_a_second_transfer(tree: Path) -> None:
+    async with running(tree, policy=SLOW_RETRANSMIT) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            for _ in range(3):
+                c.rrq("secret-a", blksize=1024)
+            oack = await c.expect(OptionAck)
+            assert oack.options == {"blksize": "1024"}
+            assert await c.quiet(0.3) == []  # one session, one OACK
+            assert server.stats.active == 1
+            c.ack(0)
+            assert (await c.expect(Data)).block == 1
+            c.send_peer(packets.encode_error(0, "done"))
+    assert server.stats.duplicate_requests == 2
+    assert server.stats.requests == 3
+
+
+async def test_session_limits(tree: Path) -> None:
+    async with running(tree, policy=SLOW_RETRANSMIT, max_sessions=3,
+                       max_sessions_per_ip=2) as (server, addr):
+        held = [RawClient(addr, CLIENT_A) for _ in range(2)]
+        for c in held:
+            c.rrq("secret-a")
+            await c.expect(Data)
+        with RawClient(addr, CLIENT_A) as third:
+            third.rrq("secret-a")
+            err = await third.expect(Error)
+            assert "too many transfers" in err.message and "limit 2" in err.message
+        res = await fetch(addr, "secret-b", bind=CLIENT_B)  # other clients still served
+        assert res.size == 70000
+        with trio.fail_after(2):
+            while server.stats.active > 2:  # the server has yet to see the final ACK
+                await trio.sleep(0.01)
+        held.append(RawClient(addr, CLIENT_B))
+        held[-1].rrq("secret-b")
+        await held[-1].expect(Data)
+        with RawClient(addr, "127.0.0.12") as fourth:
+            fourth.rrq("x")
+            err = await fourth.expect(Error)
+            assert "server busy" in err.message
+        for c in held:
+            c.close()
+    assert server.stats.busy_rejections == 2
+
+
+async def test_memory_per_session_is_bounded(tree: Path) -> None:
+    """The block source never holds more than the window plus one read-ahead chunk."""
+    import os
+
+    from tftpd.session import BlockSource, FileHandle
+
+    path = tree / CLIENT_A / "big.bin"
+    fd = os.open(path, os.O_RDONLY)
+    handle = FileHandle(fd)
+    source = BlockSource(handle, 1024, 64 * 1024, trio.CapacityLimiter(1))
+    peak = 0
+    seq = 1
+    try:
+        while True:
+            data = await source.block(seq)
+            source.release_before(max(1, seq - 16))  # a 16-block window
+            peak = max(peak, len(source._buf))
+            if len(data) < 1024:
+                break
+            seq += 1
+    finally:
+        handle.close()
+    assert peak <= 16 * 1024 + 64 * 1024 + 1024
+
+
+async def test_dual_stack_socket_normalises_mapped_clients(tree: Path) -> None:
+    """An IPv4 client on an IPv6 socket arrives as ::ffff:a.b.c.d and gets its own tree."""
+    listen = (ListenSpec("::ffff:127.0.0.1", 0, socket.AF_INET6),)
+    async with running(tree, listen=listen) as (_server, addr):
+        got = bytearray()
+        res = await fetch(("127.0.0.1", addr[1]), "whoami", bind=CLIENT_B, sink=got.extend)
+    assert bytes(got) == f"{CLIENT_B}\n".encode()
+    assert res.size == len(got)
+
+
+async def test_replies_come_from_the_address_the_request_went_to(tree: Path) -> None:
+    """IP_PKTINFO: a wildcard listener (confined to lo) answers each request from the address
+    it was sent to, as multi-homed boot servers must."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+    sock.bind(("0.0.0.0", 0))
+    port = sock.getsockname()[1]
+    async with running(tree, listen=(), inherited_fds=(sock.detach(),)) as (_server, _addr):
+        for dest in ("127.0.0.2", "127.0.0.3"):
+            with RawClient((dest, port), CLIENT_A) as c:
+                c.rrq("whoami")
+                got = await c.recv()
+                assert got is not None
+                packet, source = got
+                assert isinstance(packet, Data)
+                assert source[0] == dest
+                c.ack(1)
