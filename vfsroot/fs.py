@@ -277,8 +277,8 @@ class VfsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             view = self.source.view(key.client)
             resolved = await view.resolve(key.path)
-            if resolved is None:
-                if key.path:
+            if resolved is None or resolved.node.kind is not Kind.DIR:
+                if key.path:  # gone, or now a file: a stale inode, like getattr says
                     raise pyfuse3.FUSEError(errno.ENOENT)
                 entries: dict[str, Node] = {}
             else:
