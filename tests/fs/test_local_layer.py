@@ -184,3 +184,11 @@ async def test_open_file_keeps_its_content_when_replaced(src: Path) -> None:
         assert await reader.read(0, 100) == b"own file"
     finally:
         await reader.close()
+
+
+async def test_client_directory_symlinked_outside_is_empty(tmp_path: Path, src: Path) -> None:
+    os.symlink(tmp_path / "outside", src / "10.0.0.9")
+    layer = LocalLayer("client", src / "10.0.0.9", src)
+    assert await layer.lookup(()) is None
+    assert await layer.lookup(("secret",)) is None
+    assert await layer.listdir(()) == {}

@@ -173,8 +173,13 @@ async def test_file_turned_into_directory_gets_a_new_inode(ops: VfsOperations,
     # and back: the directory's inode goes stale, the file is new again
     shutil.rmtree(src / "10.0.0.1" / "thing")
     (src / "10.0.0.1" / "thing").write_bytes(b"a file again")
-    with pytest.raises(pyfuse3.FUSEError):
-        await ops.getattr(new.st_ino, CTX)
+    ino = new.st_ino
+    for stale in (lambda: ops.getattr(ino, CTX), lambda: ops.opendir(ino, CTX),
+                  lambda: ops.getxattr(ino, b"user.vfsroot.layer", CTX),
+                  lambda: ops.lookup(ino, b"x", CTX)):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await stale()
+        assert errno_of(e) == errno.ENOENT
 
 
 # -- readdir ------------------------------------------------------------------------------
@@ -370,10 +375,12 @@ async def test_readdir_reply_failure_is_eio(ops: VfsOperations,
 
 
 async def test_unknown_inodes_are_enoent(ops: VfsOperations) -> None:
-    for call in (ops.getattr(999, CTX), ops.opendir(999, CTX), ops.open(999, os.O_RDONLY, CTX),
-                 ops.getxattr(999, b"user.vfsroot.layer", CTX), ops.lookup(999, b"x", CTX)):
+    for call in (lambda: ops.getattr(999, CTX), lambda: ops.opendir(999, CTX),
+                 lambda: ops.open(999, os.O_RDONLY, CTX),
+                 lambda: ops.getxattr(999, b"user.vfsroot.layer", CTX),
+                 lambda: ops.lookup(999, b"x", CTX)):
         with pytest.raises(pyfuse3.FUSEError) as e:
-            await call
+            await call()
         assert errno_of(e) == errno.ENOENT
     await ops.forget([(999, 1)])  # never raises
 
