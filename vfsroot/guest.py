@@ -104,8 +104,10 @@ class GuestProcess:
         self._dead: str | None = None
         self._buf = bytearray()
 
-    async def start(self, server: str, export: str, mounts: list[dict[str, Any]]) -> dict:
-        """Start the worker, launch the appliance and mount; bounded by `attach_timeout`."""
+    async def start(self, server: str, export: str, mounts: list[dict[str, Any]],
+                    scratch: int = 0) -> dict:
+        """Start the worker, launch the appliance and mount; bounded by `attach_timeout`.
+        `scratch` (bytes) launches on an empty scratch disk instead (for `vfsroot check`)."""
         env = dict(os.environ)
         env["LIBGUESTFS_BACKEND"] = "direct"  # libvirt adds nothing here but failure modes
         if self.options.force_tcg:
@@ -117,7 +119,7 @@ class GuestProcess:
             [self.options.python, "-m", "vfsroot.guestfs_worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
         )
-        spec = {"server": server, "export": export, "mounts": mounts,
+        spec = {"server": server, "export": export, "mounts": mounts, "scratch": scratch,
                 "memsize": self.options.memsize_mb, "force_tcg": self.options.force_tcg}
         try:
             info = await self.call("attach", spec, timeout=self.options.attach_timeout,
@@ -244,6 +246,9 @@ class GuestSession:
         self._readers_gone = trio.Event()
         self._refresh_lock = trio.Lock()
         self.closed = False
+        #: Set when the guest reported EIO: its NBD connection is gone (qemu does not
+        #: reconnect) or the filesystem is damaged; either way only a new attach helps.
+        self.io_error: str | None = None
 
     # --- life -----------------------------------------------------------------------------
 
@@ -269,7 +274,19 @@ class GuestSession:
 
     @property
     def alive(self) -> bool:
-        return not self.closed and self.process.alive
+        return not self.closed and self.io_error is None and self.process.alive
+
+    async def _call(self, op: str, *args: Any, what: str | None = None) -> Any:
+        try:
+            return await self.process.call(op, *args, what=what)
+        except GuestProcessError:
+            raise
+        except OSError as e:
+            if e.errno == errno.EIO:
+                self.io_error = f"{op}: {e.strerror}"
+                log.warning("disk I/O error client=%s op=%s error=%r", self.client, op,
+                            e.strerror)
+            raise
 
     @property
     def qemu_pid(self) -> int | None:
@@ -289,7 +306,7 @@ class GuestSession:
             t0 = time.monotonic()
             self.generation += 1  # before the await: readers opened from now on are new
             self._nodes.clear()
-            await self.process.call("refresh", what="remount")
+            await self._call("refresh", what="remount")
             self._nodes.clear()
             self.snapshot_at = time.monotonic()
             log.info("disk refreshed client=%s generation=%d seconds=%.2f", self.client,
@@ -317,7 +334,7 @@ class GuestSession:
         if path in self._nodes:
             return self._nodes[path]
         gen = self.generation
-        raw = await self.process.call("lookup", list(self.root + path))
+        raw = await self._call("lookup", list(self.root + path))
         node = None if raw is None else self._to_node(raw)
         if gen == self.generation:
             self._nodes[path] = node
@@ -326,7 +343,7 @@ class GuestSession:
     async def listdir(self, path: Path) -> dict[str, Node]:
         await self._wait_refresh()
         gen = self.generation
-        raw, warnings = await self.process.call("listdir", list(self.root + path))
+        raw, warnings = await self._call("listdir", list(self.root + path))
         for w in warnings:
             log.warning("disk listing client=%s %s", self.client, w)
         out = {name: self._to_node(r) for name, r in raw.items()}
@@ -345,7 +362,7 @@ class GuestSession:
         return GuestReader(self, node, node.source.split("#", 1)[1])
 
     async def pread(self, real: str, offset: int, size: int) -> bytes:
-        return await self.process.call("pread", real, offset, size)
+        return await self._call("pread", real, offset, size)
 
 
 class GuestReader:
@@ -366,7 +383,7 @@ class GuestReader:
         s = self.session
         if self._closed:
             raise OSError(errno.EBADF, "reader is closed")
-        if s.closed or not s.process.alive:
+        if not s.alive:
             raise OSError(errno.EIO, f"disk of {s.client} was detached during the transfer")
         if s.generation != self.generation:
             raise OSError(errno.ESTALE, "disk snapshot changed during the transfer")

@@ -99,8 +99,11 @@ class Worker:
             g.set_memsize(int(spec["memsize"]))
         if spec.get("force_tcg"):
             g.set_backend_setting("force_tcg", "")
-        g.add_drive_opts(spec["export"], format="raw", readonly=True, protocol="nbd",
-                         server=[spec["server"]])
+        if spec.get("scratch"):
+            g.add_drive_scratch(spec["scratch"])  # `vfsroot check`: a launch, no network
+        else:
+            g.add_drive_opts(spec["export"], format="raw", readonly=True, protocol="nbd",
+                             server=[spec["server"]])
         t0 = time.monotonic()
         g.launch()
         launched = time.monotonic() - t0
