@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -365,3 +366,82 @@ def test_missing_source_root_exits_3(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("vfsroot: ") and str(missing) in lines[0]
     assert not mounted(tmp_path / "mnt")
+
+
+def test_replaced_file_is_visible(m: Path, src: Path) -> None:
+    """The operator's atomic update: write a new file, rename it over the old one."""
+    host = src / "10.0.0.10" / "replaced"
+    host.write_bytes(b"version one\n")
+    view = m / "10.0.0.10" / "replaced"
+    eventually(lambda: cat_or_none(view) == "version one\n", "file before the rename")
+    tmp = host.with_name(".replaced.tmp")
+    tmp.write_bytes(b"version two!\n")
+    tmp.rename(host)
+    eventually(lambda: cat_or_none(view) == "version two!\n", "file renamed over")
+    assert ".replaced.tmp" not in ls(m / "10.0.0.10")
+
+
+def test_edit_behind_a_symlink_is_visible(m: Path, src: Path) -> None:
+    target = src / "default" / "link-target"
+    target.write_bytes(b"before\n")
+    os.symlink("../default/link-target", src / "10.0.0.10" / "via-link")
+    view = m / "10.0.0.10" / "via-link"
+    eventually(lambda: cat_or_none(view) == "before\n", "symlinked file")
+    target.write_bytes(b"after, and longer\n")
+    eventually(lambda: cat_or_none(view) == "after, and longer\n", "edit behind a symlink")
+
+
+def test_removed_client_directory_falls_back_to_default(m: Path, src: Path) -> None:
+    (src / "10.0.0.88").mkdir()
+    (src / "10.0.0.88" / "vmlinuz").write_bytes(b"eighty-eight\n")
+    eventually(lambda: cat_or_none(m / "10.0.0.88" / "vmlinuz") == "eighty-eight\n",
+               "new client")
+    assert "10.0.0.88" in ls(m)
+    shutil.rmtree(src / "10.0.0.88")
+    eventually(lambda: cat_or_none(m / "10.0.0.88" / "vmlinuz") == "default kernel\n",
+               "removed client's view falls back to default")
+    eventually(lambda: "10.0.0.88" not in ls(m), "removed client gone from the mount root")
+
+
+def test_new_disk_config_lists_the_client(m: Path, src: Path) -> None:
+    assert "10.0.0.99" not in ls(m)
+    (src / "10.0.0.99.nbd").write_text("# config\n")
+    eventually(lambda: "10.0.0.99" in ls(m), "client with a new .nbd config")
+    (src / "10.0.0.99.nbd.bak").write_text("# not a config\n")
+    (src / "10.0.0.9.nbd~").write_text("# not a config\n")
+    names = ls(m)
+    assert "10.0.0.9" not in names and "10.0.0.99.nbd.bak" not in names
+
+
+@pytest.mark.parametrize("name", [
+    "mnt with space",
+    pytest.param("mnt-é", marks=pytest.mark.xfail(strict=True, reason=(
+        "daemon._mounted_fstype decodes /proc/self/mountinfo with 'unicode_escape', which "
+        "mangles non-ASCII paths: a live vfsroot at such a mountpoint is not seen, and a "
+        "second daemon mounts on top of it instead of exiting 4"))),
+])
+def test_busy_detection_with_unusual_mountpoint_names(tmp_path: Path, small_source: Path,
+                                                      daemon_factory, name: str) -> None:
+    mnt = tmp_path / name
+    mnt.mkdir()
+    first = daemon_factory.make(small_source, mnt).start()
+    assert cat(mnt / "10.0.0.1" / "vmlinuz") == "client kernel\n"
+    second = subprocess.Popen(
+        vfsroot_cmd("serve", "--source", str(small_source), "--mount", str(mnt), "--no-disks"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while second.poll() is None and time.monotonic() < deadline:
+            if len(mount_ids(mnt)) > 1:
+                pytest.fail("the second daemon mounted on top of the first")
+            time.sleep(0.05)
+        assert second.returncode == 4
+    finally:
+        if second.poll() is None:
+            second.terminate()
+            second.wait(timeout=10)
+        assert second.stderr is not None
+        second.stderr.close()
+    assert len(mount_ids(mnt)) == 1
+    assert first.proc is not None and first.proc.poll() is None
