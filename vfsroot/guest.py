@@ -111,7 +111,8 @@ class GuestProcess:
         env = dict(os.environ)
         env["LIBGUESTFS_BACKEND"] = "direct"  # libvirt adds nothing here but failure modes
         if self.options.force_tcg:
-            env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+            settings = [x for x in env.get("LIBGUESTFS_BACKEND_SETTINGS", "").split(":") if x]
+            env["LIBGUESTFS_BACKEND_SETTINGS"] = ":".join([*settings, "force_tcg"])
         pkg_parent = str(pathlib.Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"]
                                           if env.get("PYTHONPATH") else "")

@@ -82,6 +82,7 @@ class Worker:
         self.warnings: list[str] = []
         self._lstat: dict[str, dict | None] = {}
         self._link: dict[str, str] = {}
+        self._scratch: Any = None
 
     # --- life -------------------------------------------------------------------------------
 
@@ -97,10 +98,15 @@ class Worker:
         self.g = g
         if spec.get("memsize"):
             g.set_memsize(int(spec["memsize"]))
-        if spec.get("force_tcg"):
-            g.set_backend_setting("force_tcg", "")
+        # force_tcg arrives through LIBGUESTFS_BACKEND_SETTINGS (the parent sets it):
+        # set_backend_setting("force_tcg", "") segfaults at launch with Debian 12's 1.48.
         if spec.get("scratch"):
-            g.add_drive_scratch(spec["scratch"])  # `vfsroot check`: a launch, no network
+            # `vfsroot check`: a launch without network.  (add_drive_scratch segfaults in
+            # Debian 12's binding at launch, so an empty sparse file instead.)
+            self._scratch = tempfile.NamedTemporaryFile(prefix="vfsroot-check-")  # noqa: SIM115
+            self._scratch.truncate(int(spec["scratch"]))
+            self._scratch.flush()
+            g.add_drive_opts(self._scratch.name, format="raw", readonly=True)
         else:
             g.add_drive_opts(spec["export"], format="raw", readonly=True, protocol="nbd",
                              server=[spec["server"]])
@@ -341,6 +347,12 @@ class Worker:
         return b"".join(parts)
 
 
+def _one_line(text: str) -> str:
+    """libguestfs' launch errors come with a paragraph of advice: keep the first line, for
+    the log and `vfsroot status`."""
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
 def _read_frame(stream: Any) -> Any:
     head = stream.read(4)
     if len(head) < 4:
@@ -377,9 +389,9 @@ def main() -> int:
             try:
                 reply = ("ok", ops[op](*args))
             except GuestError as e:
-                reply = ("err", e.errno, str(e))
+                reply = ("err", e.errno, _one_line(str(e)))
             except RuntimeError as e:
-                reply = ("err", errno_of(e), str(e))
+                reply = ("err", errno_of(e), _one_line(str(e)))
             except Exception as e:  # a bug here must be an answer, not a silent worker
                 reply = ("err", errno.EIO, f"{type(e).__name__}: {e}")
             _write_frame(stdout, reply)
