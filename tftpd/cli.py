@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if not config.root.is_dir():
             log.warning("root is not a directory (yet) root=%s", config.root)
         server = TftpServer(config)
+        server.bind()  # before trio.run: a busy port is one clear line, not a traceback
         trio.run(_run, server)
     except ConfigError as exc:
         print(f"vfsroot-tftpd: {exc}", file=sys.stderr)

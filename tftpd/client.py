@@ -119,8 +119,11 @@ async def fetch(
         in_window = 0
         gap_acked = False
         tries = 0
+        # The timer runs from the last *progress*, not the last packet: duplicates arriving
+        # faster than our timeout must not keep us from re-sending a lost ACK.
+        progress_deadline = trio.current_time() + retransmit
         while True:
-            got = await _recv(sock, trio.current_time() + retransmit)
+            got = await _recv(sock, progress_deadline)
             if got is None:
                 tries += 1
                 if tries > retries:
@@ -130,6 +133,7 @@ async def fetch(
                     sock.sendto(rrq, (host, port))
                 else:
                     sock.send(last_ack or _ACK(0))
+                progress_deadline = trio.current_time() + retransmit
                 continue
             data, addr = got
             if peer is None:
@@ -153,6 +157,7 @@ async def fetch(
                     in_window += 1
                     tries = 0
                     gap_acked = False
+                    progress_deadline = trio.current_time() + retransmit
                     last = len(payload) < bsize
                     if last or in_window >= wsize:
                         last_ack = _ACK(block)
@@ -184,6 +189,7 @@ async def fetch(
                 wsize = int(packet.options.get("windowsize", 1))
                 last_ack = _ACK(0)
                 sock.send(last_ack)
+                progress_deadline = trio.current_time() + retransmit
         result.seconds = time.monotonic() - started
         if dally > 0:
             deadline = trio.current_time() + dally

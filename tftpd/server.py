@@ -144,6 +144,13 @@ class ServerStats:
         return asdict(self)
 
 
+def _loggable(name: str, limit: int = 160) -> str:
+    """A client-chosen name for a log line: repr() escapes control characters (no forged log
+    lines), and the length is bounded (names can be 64 KiB)."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
 def _outcome_counter(outcome: str) -> str:
     if outcome in ("ok", "ok-unconfirmed"):
         return "completed"
@@ -229,6 +236,16 @@ class TftpServer:
         self._grace = config.grace
         self._stopping = False
         self._stop_requested = False
+        self._bound: list[socket.socket] | None = None
+
+    def bind(self) -> list[tuple[str, int]]:
+        """Open the listen sockets now (synchronously), so a bad address or a busy port is a
+        plain ConfigError for the caller instead of an error inside a nursery.  Optional:
+        :meth:`run` binds by itself when this was not called."""
+        if self._bound is None:
+            self._bound = self._open_listeners()
+            self.addresses = [tuple(s.getsockname()[:2]) for s in self._bound]  # type: ignore[misc]
+        return list(self.addresses)
 
     # -- sockets ---------------------------------------------------------------------------
 
@@ -334,9 +351,10 @@ class TftpServer:
     async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = (
         trio.TASK_STATUS_IGNORED)) -> None:
         """Listen until stopped or cancelled; ``task_status.started`` gets the bound addresses."""
-        raw = self._open_listeners()
+        self.bind()
+        assert self._bound is not None
+        raw, self._bound = self._bound, []
         listeners = [trio.socket.from_stdlib_socket(s) for s in raw]
-        self.addresses = [tuple(s.getsockname()[:2]) for s in raw]  # type: ignore[misc]
         ctx = SessionContext(
             roots=self._roots, policy=self.config.policy, limiter=self._limiter,
         )
@@ -440,24 +458,24 @@ class TftpServer:
         key = (client, port)
         if key in self._active:
             self.stats.duplicate_requests += 1
-            log.debug("retransmitted request ignored client=%s port=%d file=%r", client, port,
-                      packet.filename)
+            log.debug("retransmitted request ignored client=%s port=%d file=%s", client, port,
+                      _loggable(packet.filename))
             return
         if self._stopping:
             return
         cfg = self.config
         if len(self._active) >= cfg.max_sessions:
             self.stats.busy_rejections += 1
-            log.warning("busy: session limit reached client=%s file=%r limit=%d", client,
-                        packet.filename, cfg.max_sessions)
+            log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
+                        _loggable(packet.filename), cfg.max_sessions)
             self._reply_error(sock, addr, ERR_NOT_DEFINED,
                               f"server busy: {cfg.max_sessions} transfers running, retry later",
                               bucket)
             return
         if self._per_ip[client] >= cfg.max_sessions_per_ip:
             self.stats.busy_rejections += 1
-            log.warning("busy: per-client limit reached client=%s file=%r limit=%d", client,
-                        packet.filename, cfg.max_sessions_per_ip)
+            log.warning("busy: per-client limit reached client=%s file=%s limit=%d", client,
+                        _loggable(packet.filename), cfg.max_sessions_per_ip)
             self._reply_error(
                 sock, addr, ERR_NOT_DEFINED,
                 f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, retry later",
@@ -515,10 +533,10 @@ class TftpServer:
             level = logging.WARNING
         elif res.outcome == "error":
             level = logging.ERROR
-        log.log(level, "transfer client=%s port=%d file=%r bytes=%d seconds=%.3f MB/s=%.2f "
+        log.log(level, "transfer client=%s port=%d file=%s bytes=%d seconds=%.3f MB/s=%.2f "
                 "options=%s retransmits=%d dup_acks=%d outcome=%s%s",
-                res.client, res.port, res.filename, res.bytes_sent, res.seconds, rate, opts,
-                res.retransmits, res.duplicate_acks, res.outcome,
+                res.client, res.port, _loggable(res.filename), res.bytes_sent, res.seconds, rate,
+                opts, res.retransmits, res.duplicate_acks, res.outcome,
                 f" detail={res.detail!r}" if res.detail else "")
 
 

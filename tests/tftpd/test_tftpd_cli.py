@@ -1,0 +1,222 @@
+"""The vfsroot-tftpd command: exit codes, SIGTERM grace, systemd socket activation, IPv4
+fallback."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from tftpd import packets
+from tftpd import server as server_mod
+from tftpd.client import fetch
+from tftpd.server import ServerConfig, TftpServer
+
+from .conftest import CLIENT_A
+from .helpers import FAST, RawClient, file_sha256
+
+PY = sys.executable
+
+
+class Cli:
+    """vfsroot-tftpd in a subprocess; knows its port from the 'listening' log line."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.log = b""
+        self.port = 0
+
+    async def read_until(self, pattern: bytes, timeout: float = 10) -> re.Match[bytes]:
+        assert self.proc.stderr is not None
+        with trio.fail_after(timeout):
+            while (m := re.search(pattern, self.log)) is None:
+                chunk = await self.proc.stderr.receive_some(65536)
+                if not chunk:
+                    raise AssertionError(f"exited before {pattern!r}: {self.log.decode()}")
+                self.log += chunk
+        return m
+
+    async def wait(self, timeout: float = 10) -> int:
+        assert self.proc.stderr is not None
+        with trio.fail_after(timeout):
+            while chunk := await self.proc.stderr.receive_some(65536):
+                self.log += chunk
+            return await self.proc.wait()
+
+
+async def start_cli(args: list[str], **kw: object) -> Cli:
+    proc = await trio.lowlevel.open_process(
+        [PY, "-c", "import sys; from tftpd.cli import main; sys.exit(main())", *args],
+        stderr=subprocess.PIPE, **kw)
+    cli = Cli(proc)
+    m = await cli.read_until(rb"listening addresses=[^ ]*:(\d+)")
+    cli.port = int(m.group(1))
+    return cli
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-c", "import sys; from tftpd.cli import main; sys.exit(main())",
+                           *args], capture_output=True, text=True, timeout=30)
+
+
+def test_usage_errors_exit_2() -> None:
+    for args in (["--port-range", "9:1"], ["--blksize-max", "7"], ["--windowsize-max", "0"],
+                 ["-4", "-6"], ["--bogus"]):
+        proc = run_cli(args)
+        assert proc.returncode == 2, (args, proc.stderr)
+
+
+def test_operator_mistakes_exit_1_with_one_line(tmp_path: Path) -> None:
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    try:
+        for args, words in (
+            (["--listen", f"127.0.0.1:{port}"], "Address already in use"),
+            (["--listen", "nothost:69"], "numeric IP address"),
+            (["--listen", "[::1]:69", "-4"], "-4 given"),
+            (["--listen", "systemd"], "no socket passed"),
+        ):
+            proc = run_cli(["--root", str(tmp_path), *args])
+            assert proc.returncode == 1, (args, proc.stderr)
+            assert words in proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    finally:
+        busy.close()
+
+
+async def test_serves_and_stops_on_sigterm(tree: Path) -> None:
+    cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0"])
+    try:
+        res = await fetch(("127.0.0.1", cli.port), "1m.bin", blksize=1428, windowsize=16,
+                          bind=CLIENT_A)
+        assert res.sha256 == file_sha256(tree / CLIENT_A / "1m.bin")
+        await cli.read_until(rb"transfer client=127\.0\.0\.10 .*outcome=ok")
+        cli.proc.send_signal(signal.SIGTERM)
+        assert await cli.wait() == 0
+        assert b"stopped" in cli.log
+    finally:
+        cli.proc.kill()
+
+
+async def test_sigterm_lets_a_running_transfer_finish(tree: Path) -> None:
+    cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0", "--retransmit", "5",
+                           "--grace", "10"])
+    try:
+        with RawClient(("127.0.0.1", cli.port), CLIENT_A) as c:
+            c.rrq("secret-a", blksize=1468)
+            await c.expect(packets.OptionAck)
+            cli.proc.send_signal(signal.SIGTERM)
+            await cli.read_until(rb"stopping")
+            # New requests are no longer accepted ...
+            with RawClient(("127.0.0.1", cli.port), CLIENT_A) as late:
+                late.rrq("whoami")
+                assert await late.quiet(0.3) == []
+            # ... but the running transfer completes.
+            block, got = 0, bytearray()
+            c.ack(0)
+            while True:
+                d = await c.expect(packets.Data)
+                assert d.block == block + 1
+                block = d.block
+                got += d.payload
+                c.ack(block)
+                if len(d.payload) < 1468:
+                    break
+        assert bytes(got) == (tree / CLIENT_A / "secret-a").read_bytes()
+        assert await cli.wait() == 0
+        assert re.search(rb"file='secret-a' bytes=70000 .*outcome=ok", cli.log)
+    finally:
+        cli.proc.kill()
+
+
+async def test_grace_period_ends_stuck_transfers(tree: Path) -> None:
+    cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0", "--retransmit", "30",
+                           "--grace", "0.5"])
+    try:
+        with RawClient(("127.0.0.1", cli.port), CLIENT_A) as c:
+            c.rrq("secret-a")
+            await c.expect(packets.Data)
+            started = trio.current_time()
+            cli.proc.send_signal(signal.SIGTERM)
+            err = await c.expect(packets.Error, timeout=5)
+            assert "shutting down" in err.message
+            assert trio.current_time() - started < 3
+        assert await cli.wait() == 0
+    finally:
+        cli.proc.kill()
+
+
+async def test_systemd_socket_activation(tree: Path) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = str(tree.parent / "notify.sock")
+    notify.bind(notify_path)
+    notify.setblocking(False)
+    launcher = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid())); "
+        "from tftpd.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
+    proc = await trio.lowlevel.open_process(
+        [PY, "-c", launcher, str(sock.fileno()), "--root", str(tree), "--listen", "systemd"],
+        pass_fds=(sock.fileno(),), stderr=subprocess.PIPE,
+        env={**os.environ, "NOTIFY_SOCKET": notify_path})
+    cli = Cli(proc)
+    sock.close()
+    try:
+        await cli.read_until(rb"listening addresses=127\.0\.0\.1:%d" % port)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(notify)
+        assert notify.recv(100) == b"READY=1"
+        res = await fetch(("127.0.0.1", port), "whoami", bind=CLIENT_A)
+        assert res.size == len(CLIENT_A) + 1
+        proc.send_signal(signal.SIGTERM)
+        assert await cli.wait() == 0
+    finally:
+        proc.kill()
+        notify.close()
+
+
+async def test_falls_back_to_ipv4_when_ipv6_is_disabled(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """tftpd-hpa's classic failure: with IPv6 disabled the default [::] listener must turn into
+    an IPv4 one by itself, with one warning."""
+    real_socket = socket.socket
+    asked: list[tuple] = []
+
+    class NoV6(real_socket):  # type: ignore[misc,valid-type]
+        def __init__(self, family: int = -1, *args: object, **kw: object) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *args, **kw)  # type: ignore[arg-type]
+
+        def bind(self, address: tuple) -> None:
+            asked.append(address)
+            # Tests may bind loopback only: the wildcard the server asked for becomes 127.0.0.1.
+            super().bind(("127.0.0.1", address[1]) if address[0] == "0.0.0.0" else address)
+
+    monkeypatch.setattr(server_mod.socket, "socket", NoV6)
+    caplog.set_level(logging.WARNING, logger="tftpd")
+    server = TftpServer(ServerConfig(root=tree, default_port=0, policy=FAST))
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(server.run)
+        monkeypatch.undo()
+        res = await fetch(("127.0.0.1", addrs[0][1]), "whoami", bind=CLIENT_A)
+        assert res.size == len(CLIENT_A) + 1
+        nursery.cancel_scope.cancel()
+    assert asked[0] == ("0.0.0.0", 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "IPv4 only" in warnings[0], warnings

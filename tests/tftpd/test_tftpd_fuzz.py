@@ -1,0 +1,94 @@
+"""Random datagrams at the listen socket and at a live transfer: the server must keep serving,
+never hit an internal error, and the live transfer must survive everything but an ERROR."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from pathlib import Path
+
+import trio
+
+from tftpd import packets
+from tftpd.client import fetch
+
+from .conftest import CLIENT_A, CLIENT_B
+from .helpers import RawClient, file_sha256, running
+
+
+def junk(rng: random.Random) -> bytes:
+    """Random bytes, half of them shaped like TFTP so they get past the opcode check."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(0, 600))
+    if kind == 1:  # request-like with random fields and options
+        fields = [rng.randbytes(rng.randrange(0, 20)).replace(b"\0", b"") for _ in range(
+            rng.randrange(0, 8))]
+        return struct.pack("!H", rng.choice([1, 2])) + b"\0".join(fields) + (
+            b"\0" if rng.random() < 0.7 else b"")
+    if kind == 2:
+        return struct.pack("!HH", rng.choice([3, 4, 6, 7, 0, 65535]), rng.randrange(65536)) + (
+            rng.randbytes(rng.randrange(0, 10)))
+    if kind == 3:  # options with hostile values
+        name = rng.choice([b"blksize", b"windowsize", b"timeout", b"tsize", b"BLKSIZE"])
+        value = rng.choice([b"0", b"-1", b"99999999999999999999", b"", b"1e9", b"\xff", b"8"])
+        return b"\x00\x01whoami\x00octet\x00" + name + b"\0" + value + b"\0"
+    if kind == 4:
+        return b"\x00\x01" + rng.choice([b"../", b"/", b"\\", b"a" * 300]) * rng.randrange(
+            1, 40) + b"\x00octet\x00"
+    return b"\x00"
+
+
+async def test_random_datagrams_leave_the_server_serving(tree: Path) -> None:
+    rng = random.Random(1234)
+    want = file_sha256(tree / CLIENT_A / "1m.bin")
+    async with running(tree, max_sessions_per_ip=64, error_replies_per_second=1e6) as (
+            server, addr):
+        # Two sprayers: one fixed port (dedupe/limits paths), one new port per datagram.
+        fixed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        fixed.bind((CLIENT_B, 0))
+        fixed.setblocking(False)
+        st = server.stats
+
+        def seen() -> int:
+            return st.malformed + st.requests + st.stray_datagrams
+
+        with trio.fail_after(60):
+            for i in range(1, 3001):
+                data = junk(rng)
+                if i % 2:
+                    fixed.sendto(data, addr)
+                else:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                        s.bind((CLIENT_B, 0))
+                        s.sendto(data, addr)
+                # Pace by feedback so no datagram is lost in a full socket buffer.
+                while seen() < i - 20:
+                    await trio.sleep(0.001)
+            while seen() < 3000:  # every single datagram was looked at
+                await trio.sleep(0.01)
+        # A live transfer sprayed from its own client port: ignored unless it is an ERROR.
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("1m.bin", blksize=1024)
+            await c.expect(packets.OptionAck)
+            c.ack(0)
+            first = await c.expect(packets.Data)
+            assert first.block == 1
+            for _ in range(500):
+                data = junk(rng)
+                if data[:2] == b"\x00\x05":
+                    continue
+                c.send_peer(data)
+            stray = await c.quiet(0.2)  # (a junk ACK 0 is a duplicate ACK: DATA 1 again)
+            assert all(isinstance(p, packets.Data) and p.block == 1 for p in stray), stray
+            c.ack(1)
+            # The session is still alive and goes on where it was.
+            assert (await c.expect(packets.Data)).block == 2
+            c.send_peer(packets.encode_error(0, "enough"))
+        fixed.close()
+        res = await fetch(addr, "1m.bin", blksize=1468, windowsize=8, bind=CLIENT_A)
+        assert res.sha256 == want
+    assert server.stats.errors == 0  # no internal exception anywhere
+    assert server.stats.malformed > 0
+    assert server.stats.completed >= 1
