@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,17 +66,24 @@ def check_fuse() -> None:
         raise QuietError("/dev/fuse is not readable and writable by this user", EXIT_NO_FUSE)
 
 
-def _mounted_fstype(mountpoint: Path) -> str | None:
-    """The file system type mounted exactly at `mountpoint`, from /proc/self/mountinfo."""
-    target = os.path.abspath(mountpoint)
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as \\ooo octal escapes."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def mounted_fstype(mountpoint: Path) -> str | None:
+    """The file system type mounted exactly at `mountpoint`, from /proc/self/mountinfo.
+
+    Compared as bytes: mount points are byte strings, and a non-ASCII name must match too.
+    """
+    target = os.fsencode(os.path.abspath(mountpoint))
     fstype = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if point == target:
-                fstype = fields[sep + 1]  # the last one wins: it is the visible mount
+            sep = fields.index(b"-")
+            if _unescape_mountinfo(fields[4]) == target:
+                fstype = os.fsdecode(fields[sep + 1])  # the last one wins: the visible one
     return fstype
 
 
@@ -89,8 +98,53 @@ def unmount(mountpoint: Path) -> bool:
     return False
 
 
+#: How long a FUSE mount found at the mountpoint may take to answer before it counts as hung.
+PROBE_TIMEOUT = 5.0
+
+
+def _probe_fuse(mountpoint: Path) -> int | None:
+    """List a FUSE mount; None if it answered, else the errno (ETIMEDOUT if it hangs).
+
+    `os.stat` is not enough: the kernel answers it from its attribute cache for a while after
+    the daemon died.  A directory listing always goes to the daemon.
+    """
+    result: list[int | None] = []
+
+    def probe() -> None:
+        try:
+            os.listdir(mountpoint)
+            result.append(None)
+        except OSError as e:
+            result.append(e.errno)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT)
+    return result[0] if result else errno.ETIMEDOUT
+
+
+def _clean_stale(mountpoint: Path) -> None:
+    log.warning("stale FUSE mount left by a killed daemon, unmounting mountpoint=%s", mountpoint)
+    if not unmount(mountpoint):
+        raise QuietError(f"mountpoint {mountpoint} has a dead FUSE mount that could not be "
+                         f"unmounted (try: fusermount3 -u -z {mountpoint})", EXIT_MOUNT_BUSY)
+
+
 def prepare_mountpoint(mountpoint: Path) -> None:
     """Make the mountpoint usable: create it, clean a stale mount, refuse a live one."""
+    fstype = mounted_fstype(mountpoint)
+    if fstype is not None and fstype.startswith("fuse"):
+        err = _probe_fuse(mountpoint)
+        if err in (errno.ENOTCONN, errno.ECONNABORTED):
+            _clean_stale(mountpoint)
+            return
+        if err == errno.ETIMEDOUT:
+            raise QuietError(f"mountpoint {mountpoint} is busy: {fstype} is mounted there and "
+                             f"does not answer (a hung daemon?)", EXIT_MOUNT_BUSY)
+    if fstype is not None:
+        hint = " (another vfsroot is running?)" if "vfsroot" in fstype else ""
+        raise QuietError(f"mountpoint {mountpoint} is busy: {fstype} is mounted there{hint}",
+                         EXIT_MOUNT_BUSY)
     try:
         os.stat(mountpoint)
     except FileNotFoundError:
@@ -99,18 +153,8 @@ def prepare_mountpoint(mountpoint: Path) -> None:
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise QuietError(f"mountpoint {mountpoint}: {e.strerror}", EXIT_MOUNT_BUSY) from None
-        log.warning("stale FUSE mount left by a killed daemon, unmounting mountpoint=%s",
-                    mountpoint)
-        if not unmount(mountpoint):
-            raise QuietError(f"mountpoint {mountpoint} has a dead FUSE mount that could not be "
-                             f"unmounted (try: fusermount3 -u -z {mountpoint})",
-                             EXIT_MOUNT_BUSY) from None
+        _clean_stale(mountpoint)
         return
-    fstype = _mounted_fstype(mountpoint)
-    if fstype is not None:
-        hint = " (another vfsroot is running?)" if "vfsroot" in fstype else ""
-        raise QuietError(f"mountpoint {mountpoint} is busy: {fstype} is mounted there{hint}",
-                         EXIT_MOUNT_BUSY)
     if not mountpoint.is_dir():
         raise QuietError(f"mountpoint {mountpoint} is not a directory", EXIT_MOUNT_BUSY)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -21,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .daemon import mounted_fstype
 
 log = logging.getLogger("vfsroot.demo")
 
@@ -74,9 +75,7 @@ def wait_for(predicate: object, what: str, proc: subprocess.Popen[bytes]) -> Non
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    target = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return mounted_fstype(mountpoint) is not None
 
 
 def tcp_open(port: int) -> bool:

@@ -319,10 +319,6 @@ def test_sigkill_leaves_dead_mount_and_restart_recovers(small_source: Path, tmp_
     assert not mounted(mnt)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon.prepare_mountpoint probes a stale mount with os.stat(), which the kernel answers "
-    "from its attribute cache (attr_timeout) even after the daemon died: a restart within "
-    "~0.5 s of a crash (systemd's default RestartSec=100ms) sees 'busy' and exits 4"))
 def test_restart_right_after_sigkill_recovers(small_source: Path, tmp_path: Path,
                                               daemon_factory) -> None:
     from vfsroot.daemon import prepare_mountpoint
@@ -413,10 +409,7 @@ def test_new_disk_config_lists_the_client(m: Path, src: Path) -> None:
 
 @pytest.mark.parametrize("name", [
     "mnt with space",
-    pytest.param("mnt-é", marks=pytest.mark.xfail(strict=True, reason=(
-        "daemon._mounted_fstype decodes /proc/self/mountinfo with 'unicode_escape', which "
-        "mangles non-ASCII paths: a live vfsroot at such a mountpoint is not seen, and a "
-        "second daemon mounts on top of it instead of exiting 4"))),
+    "mnt-é",
 ])
 def test_busy_detection_with_unusual_mountpoint_names(tmp_path: Path, small_source: Path,
                                                       daemon_factory, name: str) -> None:
