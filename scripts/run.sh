@@ -44,6 +44,11 @@ make_venv
 modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || die "/dev/fuse is missing: this machine cannot mount FUSE filesystems"
 
+# Nested KVM hangs on many hosts (this project's CI included): unless the operator chose,
+# libguestfs runs its appliance under TCG, which is slower to launch but always works.
+export LIBGUESTFS_BACKEND=${LIBGUESTFS_BACKEND:-direct}
+export LIBGUESTFS_BACKEND_SETTINGS=${LIBGUESTFS_BACKEND_SETTINGS-force_tcg}
+
 case "$what" in
     demo) exec .venv/bin/python -m vfsroot.demo "$@" ;;
     test) exec .venv/bin/python -m pytest "$@" ;;
