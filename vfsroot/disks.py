@@ -40,7 +40,7 @@ import trio
 
 from .config import ConfigError, DiskConfig, load_config
 from .guest import AttachOptions, GuestProcessError, GuestSession, rss_mb
-from .layers.base import Layer, LayerUnavailable
+from .layers.base import Kind, Layer, LayerUnavailable, Node
 from .layers.guest import GuestLayer
 from .names import DISK_CONFIG_SUFFIX, client_of_config, is_client_name
 
@@ -188,6 +188,7 @@ class Disk:
         opts = self.manager.options
         quiet_for = trio.current_time() - self.used_mono
         self.touch()
+        ready: GuestSession | None = None
         with trio.move_on_after(opts.attach_wait):
             while True:
                 s = self.session_obj
@@ -195,9 +196,8 @@ class Disk:
                     self.broken(s, OSError("appliance died"))
                     s = None
                 if s is not None and self.state == "ready":
-                    if lookup:
-                        await self._maybe_refresh(s, quiet_for)
-                    return s
+                    ready = s
+                    break
                 if self.config is None:
                     raise LayerUnavailable(f"disk of {self.client}: {self.message}")
                 if self.state == "failed" and not self.attaching and self.next_retry is not None:
@@ -207,6 +207,11 @@ class Disk:
                 if not self.attaching:
                     self.manager.start_attach(self)
                 await self._changed.wait()
+        if ready is not None:
+            # Outside the wait bound: a remount takes ~2 s under TCG and must not be cut.
+            if lookup:
+                await self._maybe_refresh(ready, quiet_for)
+            return ready
         raise LayerUnavailable(f"disk of {self.client} is still attaching "
                                f"({self.config.url if self.config else 'no config'}); "
                                "try again shortly")
@@ -228,6 +233,21 @@ class Disk:
             # The remount failed: the client repartitioned or reformatted.  Re-attach.
             self.broken(s, e)
             raise LayerUnavailable(f"disk of {self.client}: refresh failed: {e}") from e
+
+    def peek(self) -> GuestSession | None:
+        s = self.session_obj
+        if s is not None and s.alive and self.state == "ready":
+            return s
+        if self.config is not None and not self.attaching and self.state != "failed":
+            self.touch()
+            self.manager.start_attach(self)
+        return None
+
+    def root_node(self) -> Node:
+        cfg = self.config
+        source = f"{cfg.url}#{cfg.tftp_root}" if cfg else "nbd://"
+        return Node(kind=Kind.DIR, size=0, mtime_ns=0, layer="disk", source=source,
+                    version=("disk-pending",))
 
     def broken(self, session: GuestSession, error: BaseException) -> None:
         if session is not self.session_obj:

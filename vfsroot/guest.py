@@ -124,7 +124,7 @@ class GuestProcess:
                 "memsize": self.options.memsize_mb, "force_tcg": self.options.force_tcg}
         try:
             info = await self.call("attach", spec, timeout=self.options.attach_timeout,
-                                   what="appliance launch")
+                                   what="appliance launch", cancellable=True)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.kill()
@@ -133,9 +133,14 @@ class GuestProcess:
         return info
 
     async def call(self, op: str, *args: Any, timeout: float | None = None,
-                   what: str | None = None) -> Any:
+                   what: str | None = None, cancellable: bool = False) -> Any:
         """One request/reply; OSError(errno) for the guest's errors, GuestProcessError (after
-        killing the worker) when it times out or dies."""
+        killing the worker) when it times out or dies.
+
+        A call is shielded from outside cancellation unless `cancellable`: cancelling it
+        midway would leave the pipe out of step and cost the whole appliance, while the
+        call itself is bounded by `timeout` anyway.  Launches are cancellable (a changed
+        config makes them pointless), and then the worker is killed."""
         if self._dead is not None or self.proc is None:
             raise GuestProcessError(errno.EIO, f"{self.label}: appliance is gone ({self._dead})")
         timeout = self.options.call_timeout if timeout is None else timeout
@@ -144,7 +149,8 @@ class GuestProcess:
                 raise GuestProcessError(errno.EIO, f"{self.label}: appliance is gone "
                                         f"({self._dead})")
             reply: Any = None
-            with trio.move_on_after(timeout) as scope:
+            with trio.CancelScope(shield=not cancellable), \
+                    trio.move_on_after(timeout) as scope:
                 try:
                     body = pickle.dumps((op, args), protocol=pickle.HIGHEST_PROTOCOL)
                     await self.proc.stdin.send_all(struct.pack(">I", len(body)) + body)

@@ -158,3 +158,16 @@ def test_rewrite_visible_after_refresh_never_mid_transfer(
 
     assert portal.run(session.refresh) is True
     assert portal.run(read_all, layer, ("efi", "vmlinuz-efi")) == new
+
+
+def test_dirty_ext4_journal_mounts(portal: Portal, layer: GuestLayer, disk_image: Image) -> None:
+    """p2 carries an unreplayed journal transaction (needs_recovery), as a live client's root
+    does; it mounts (ro,noload on the overlay) and serves files, and the image is unchanged
+    (the session fixture checks its sha256 at the end)."""
+    from .images import P2_START
+
+    with disk_image.path.open("rb") as f:
+        f.seek(P2_START + 1024 + 0x60)  # ext4 superblock: s_feature_incompat
+        incompat = int.from_bytes(f.read(4), "little")
+    assert incompat & 0x4, "fixture lost its dirty journal"  # EXT4_FEATURE_INCOMPAT_RECOVER
+    assert portal.run(read_all, layer, ("etc", "hostname")) == b"guest-host\n"

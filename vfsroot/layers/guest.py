@@ -16,7 +16,7 @@ import errno
 from typing import Protocol
 
 from ..guest import GuestProcessError, GuestReader, GuestSession
-from .base import LayerUnavailable, Node, Path
+from .base import Kind, LayerUnavailable, Node, Path
 
 
 class SessionSource(Protocol):
@@ -29,6 +29,15 @@ class SessionSource(Protocol):
 
     def broken(self, session: GuestSession, error: BaseException) -> None:
         """The session's appliance died or timed out: stop using it."""
+        ...
+
+    def peek(self) -> GuestSession | None:
+        """The session if it is ready now, else None (starting an attach if none is under
+        way); never waits."""
+        ...
+
+    def root_node(self) -> Node:
+        """What the layer root looks like before the disk is attached."""
         ...
 
 
@@ -46,6 +55,13 @@ class StaticSource:
     def broken(self, session: GuestSession, error: BaseException) -> None:
         pass
 
+    def peek(self) -> GuestSession | None:
+        return self._session if self._session.alive else None
+
+    def root_node(self) -> Node:
+        return Node(kind=Kind.DIR, size=0, mtime_ns=0, layer="disk",
+                    source=f"{self._session.config.url}#{self._session.config.tftp_root}")
+
 
 class GuestLayer:
     """Layer "disk": files of the client's disk under its `tftp_root`."""
@@ -57,6 +73,12 @@ class GuestLayer:
         self.client = client
 
     async def lookup(self, path: Path) -> Node | None:
+        if not path and self.source.peek() is None:
+            # The root of a disk that is not attached yet is a directory (attach checks
+            # tftp_root is one).  Answering at once lets the view merge the client's root
+            # and serve the client's own files while the appliance boots; every path
+            # *below* still waits for the disk or fails, so nothing is wrongly shadowed.
+            return self.source.root_node()
         session = await self.source.session(lookup=True)
         try:
             return await session.lookup(path)

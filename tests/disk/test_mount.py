@@ -1,0 +1,146 @@
+"""Client disks through the real mount: `vfsroot serve` in a subprocess, one appliance.
+
+Precedence client dir > disk > default, per file; while the disk attaches the client's own
+files and other clients are served at once and disk paths fail (never the default's file);
+status over the xattr and `vfsroot status`; a kernel rewritten on the disk is served within
+the documented bound.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from .conftest import needs_guestfs, write_config
+from .images import Image, NbdServer
+
+pytestmark = [pytest.mark.disk, pytest.mark.mount, needs_guestfs,
+              pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                 reason="needs /dev/fuse and root")]
+
+CLIENT = "127.0.0.41"
+OTHER = "127.0.0.42"
+VFSROOT = [sys.executable, "-m", "vfsroot.cli"]
+REFRESH_QUIET = 1.0
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def status(mount: pathlib.Path) -> dict:
+    try:
+        return json.loads(os.getxattr(mount, "user.vfsroot.status"))
+    except OSError:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, nbd_server: NbdServer
+           ) -> Iterator[tuple[pathlib.Path, pathlib.Path, subprocess.Popen]]:
+    base = tmp_path_factory.mktemp("mount")
+    src, mnt = base / "src", base / "mnt"
+    (src / "default").mkdir(parents=True)
+    (src / CLIENT).mkdir()
+    mnt.mkdir()
+    (src / "default" / "shadow.txt").write_bytes(b"from default\n")
+    (src / "default" / "vmlinuz").write_bytes(b"the DEFAULT kernel: must never reach the client\n")
+    (src / "default" / "only-default.txt").write_bytes(b"only default\n")
+    (src / CLIENT / "shadow.txt").write_bytes(b"from the client dir\n")
+    write_config(src, CLIENT, nbd_server.url)
+    log = (base / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [*VFSROOT, "serve", "--source", str(src), "--mount", str(mnt), "--force-tcg",
+         "--attach-wait", "1", "--refresh-quiet", str(REFRESH_QUIET), "--idle-timeout", "3600",
+         "--attach-timeout", "240"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=pathlib.Path(__file__).parents[2],
+    )
+    try:
+        wait_until(lambda: os.path.ismount(mnt) or proc.poll() is not None, 30, "the mount")
+        assert proc.poll() is None, (base / "serve.log").read_text()
+        yield src, mnt, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        log.close()
+
+
+def test_while_attaching_nothing_else_waits(served: tuple, disk_image: Image) -> None:
+    src, mnt, _ = served
+    if status(mnt).get(CLIENT, {}).get("state") == "ready":
+        pytest.skip("the disk attached before this test could look (machine too fast)")
+    t0 = time.monotonic()
+    assert (mnt / OTHER / "shadow.txt").read_bytes() == b"from default\n"
+    assert (mnt / CLIENT / "shadow.txt").read_bytes() == b"from the client dir\n"
+    assert time.monotonic() - t0 < 5
+    # a path the disk may shadow: an error, never the default's kernel
+    with pytest.raises(OSError) as e:
+        (mnt / CLIENT / "vmlinuz").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert status(mnt)[CLIENT]["state"] == "attaching"
+
+
+def test_precedence_through_the_mount(served: tuple, disk_image: Image) -> None:
+    src, mnt, _ = served
+    wait_until(lambda: status(mnt).get(CLIENT, {}).get("state") in ("ready", "failed"), 240,
+               "the disk to attach")
+    st = status(mnt)[CLIENT]
+    assert st["state"] == "ready", st
+    client = mnt / CLIENT
+    kernel = disk_image.files["/boot/vmlinuz-6.1"]
+    assert hashlib.sha256((client / "vmlinuz").read_bytes()).digest() == \
+        hashlib.sha256(kernel).digest()  # disk > default
+    assert (client / "shadow.txt").read_bytes() == b"from the client dir\n"  # client > disk
+    assert (client / "only-default.txt").read_bytes() == b"only default\n"
+    assert (client / "only-disk.txt").read_bytes().startswith(b"only on disk")
+    assert (client / "efi" / "config.txt").read_bytes() == disk_image.files[
+        "/boot/efi/config.txt"]
+    assert os.getxattr(client / "vmlinuz", "user.vfsroot.layer") == b"disk"
+    assert os.getxattr(client / "shadow.txt", "user.vfsroot.layer") == b"client"
+    names = set(os.listdir(client))
+    assert {"vmlinuz", "initrd.img", "efi", "only-disk.txt", "only-default.txt",
+            "shadow.txt"} <= names
+    assert not {"escape", "loop1", "dangling"} & names
+    with pytest.raises(FileNotFoundError):
+        (client / "escape").stat()
+    # the other client never sees this disk
+    assert (mnt / OTHER / "vmlinuz").read_bytes().startswith(b"the DEFAULT kernel")
+    out = subprocess.run([*VFSROOT, "status", "--mount", str(mnt)], capture_output=True,
+                         text=True, check=True, cwd=pathlib.Path(__file__).parents[2]).stdout
+    assert CLIENT in out and "ready" in out
+
+
+def test_rewritten_kernel_visible_within_bound(served: tuple, disk_image: Image,
+                                               tmp_path: pathlib.Path) -> None:
+    src, mnt, _ = served
+    path = mnt / CLIENT / "efi" / "vmlinuz-efi"
+    before = path.read_bytes()
+    assert before == disk_image.files["/boot/efi/vmlinuz-efi"]
+    new = hashlib.sha256(b"v3").digest() * (len(before) // 32) + b"x" * (len(before) % 32)
+    disk_image.rewrite_fat_file("vmlinuz-efi", new, tmp_path)
+    disk_image.expected_sha256 = disk_image.sha256()  # type: ignore[attr-defined]
+    t0 = time.monotonic()
+    time.sleep(REFRESH_QUIET + 0.6)  # a booting client is quiet between its two boots
+    assert path.read_bytes() == new
+    assert time.monotonic() - t0 < REFRESH_QUIET + 15
