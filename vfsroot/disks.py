@@ -442,11 +442,11 @@ class DiskManager:
     def start_attach(self, disk: Disk) -> None:
         if disk.attaching or disk.config is None:
             return
+        disk.set_state("attaching", f"queued ({disk.config.url})")
         if self._nursery is None:
-            self._pending.add(disk)
+            self._pending.add(disk)  # run() starts it
             return
         disk.attaching = True
-        disk.set_state("attaching", f"queued ({disk.config.url})")
         self._nursery.start_soon(self._attach, disk, disk.config_version)
 
     def _cancel_attach(self, disk: Disk) -> None:

@@ -384,6 +384,7 @@ class GuestReader:
         self._buf_at = 0
         self._next = 0
         self._closed = False
+        self._lock = trio.Lock()
         session.open_readers += 1
 
     async def read(self, offset: int, size: int) -> bytes:
@@ -397,20 +398,24 @@ class GuestReader:
         end = min(offset + size, self.node.size)
         if offset >= end:
             return b""
-        if not (self._buf_at <= offset and end <= self._buf_at + len(self._buf)):
-            sequential = offset == self._next
-            want = max(end - offset, MIN_FETCH)
-            if sequential:
-                want = max(want, READ_AHEAD)
-            want = min(want, self.node.size - offset)
-            data = await s.pread(self.real, offset, want)
-            if len(data) < min(want, end - offset):
-                # The file shrank under us (the live client rewrote it): never serve a mix.
-                raise OSError(errno.EIO, f"{self.real}: short read at {offset} (file changed "
-                              "on the disk during the transfer)")
-            self._buf, self._buf_at = data, offset
-        self._next = end
-        return self._buf[offset - self._buf_at:end - self._buf_at]
+        # One fetch at a time per reader: the kernel keeps several reads of one file in
+        # flight, and the second one is usually inside what the first is fetching.
+        async with self._lock:
+            buf_end = self._buf_at + len(self._buf)
+            if not (self._buf_at <= offset and end <= buf_end):
+                # Sequential: at or just after what we fetched last (in-flight reads arrive
+                # slightly out of order, so "exactly the next byte" is too strict).
+                sequential = self._next - MIN_FETCH <= offset <= self._next + READ_AHEAD
+                want = max(end - offset, READ_AHEAD if sequential else MIN_FETCH)
+                want = min(want, self.node.size - offset)
+                data = await self.session.pread(self.real, offset, want)
+                if len(data) < min(want, end - offset):
+                    # The file shrank under us (the live client rewrote it): never a mix.
+                    raise OSError(errno.EIO, f"{self.real}: short read at {offset} (file "
+                                  "changed on the disk during the transfer)")
+                self._buf, self._buf_at = data, offset
+                self._next = offset + len(data)
+            return self._buf[offset - self._buf_at:end - self._buf_at]
 
     async def close(self) -> None:
         if not self._closed:
