@@ -585,8 +585,9 @@ class VfsrootMount:
         env = {**os.environ, **GUESTFS_ENV}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
+                # KVM hangs on these hosts: never let an appliance launch try it.
                 [*entry_point("vfsroot"), "serve", "--source", str(self.source),
-                 "--mount", str(self.mount)],
+                 "--mount", str(self.mount), "--force-tcg"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
             )
         try:

@@ -37,6 +37,8 @@ def test_ipxe_pxelinux_per_mac(rig: Rig, boot_files: BootFiles,
 def test_ipxe_initrd_over_100mb(rig: Rig, boot_files: BootFiles,
                                 dhcp: Callable[[str], Path]) -> None:
     """The same chain with a >100 MB initrd: the transfer wraps the 16-bit block number."""
+    if rig.kind != "vfsroot":
+        pytest.skip("the control server runs the short boots only (CI time); rollover is ours")
     size = boot_files.big.path.stat().st_size
     assert size > 100 * 1000 * 1000 and size // 1468 > 65535
     dhcp(MAC_BIG)
