@@ -357,6 +357,7 @@ class TftpServer:
         listeners = [trio.socket.from_stdlib_socket(s) for s in raw]
         ctx = SessionContext(
             roots=self._roots, policy=self.config.policy, limiter=self._limiter,
+            active=lambda: self.stats.active,
         )
         buckets = _TokenBucket(self.config.error_replies_per_second)
         try:

@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -86,12 +87,17 @@ class TransferPolicy:
     retransmit_timeout: float = 1.0
     #: Retransmissions of the same window before the transfer is given up.
     retries: int = 5
-    #: Bytes read from the file per worker-thread call (per session, on top of the window).
-    read_ahead: int = 128 * 1024
+    #: Bytes read from the file per worker-thread call (per session, on top of the window);
+    #: at least 32 blocks, so big blocks do not pay a thread hop every few packets.
+    read_ahead: int = 256 * 1024
     #: Upper bound on a whole transfer, seconds (a trickling client cannot hold a slot forever).
     max_transfer_seconds: float = 3600.0
     #: Minimum gap before a duplicate or mid-window ACK may trigger a resend, seconds.
     resend_holdoff_min: float = 0.002
+    #: Busy-wait this long for an ACK before sleeping in the event loop (0 disables)...
+    spin_seconds: float = 0.0
+    #: ... but only while at most this many transfers are running.
+    spin_max_sessions: int = 1
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class BlockSource:
     ) -> None:
         self._handle = handle
         self._blksize = blksize
-        self._chunk = max(read_ahead, blksize)
+        self._chunk = max(read_ahead, 32 * blksize)
         self._limiter = limiter
         self._netascii = netascii
         self._buf = b""
@@ -274,6 +280,17 @@ class BlockSource:
     def release_before(self, seq: int) -> None:
         """Blocks before ``seq`` are acknowledged and will not be asked again."""
         self._keep_off = (seq - 1) * self._blksize
+
+    def peek(self, seq: int) -> bytes | None:
+        """Block ``seq`` if it is already read (the hot path: no coroutine), else None."""
+        start = (seq - 1) * self._blksize
+        i = start - self._buf_off
+        if i < 0:
+            return None
+        end = i + self._blksize
+        if end <= len(self._buf) or self._eof:
+            return self._buf[i:end]
+        return None
 
     async def block(self, seq: int) -> bytes:
         """Payload of block ``seq`` (1-based); shorter than blksize only for the last block."""
@@ -320,6 +337,8 @@ class SessionContext:
     roots: ClientRoots
     policy: TransferPolicy
     limiter: trio.CapacityLimiter
+    #: Number of transfers running now (for decisions that depend on load).
+    active: Callable[[], int] = lambda: 1
 
 
 class Session:
@@ -360,6 +379,22 @@ class Session:
     async def _send(self, packet: bytes) -> None:
         while not self._send_now(packet):
             await trio.lowlevel.wait_writable(self._sock)
+
+    def _try_recv(self) -> bytes | None:
+        """A datagram if one is queued, else None (never waits)."""
+        try:
+            return self._sock.recv(MAX_DATAGRAM)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _PeerGone(os.strerror(exc.errno or 0)) from None
+
+    def _spin_seconds(self) -> float:
+        """How long to busy-wait for an ACK before sleeping: only while the machine has a CPU
+        to spare for it (fewer transfers than the policy allows), never under load."""
+        if self._policy.spin_seconds <= 0 or self._ctx.active() > self._policy.spin_max_sessions:
+            return 0.0
+        return self._policy.spin_seconds
 
     async def _recv(self, deadline: float) -> bytes | None:
         """Next datagram from the client, or None when ``deadline`` passes."""
@@ -552,28 +587,40 @@ class Session:
     async def _send_blocks(
         self, source: BlockSource, blksize: int, windowsize: int, rto: float
     ) -> None:
-        """The DATA phase: windows of ``windowsize`` blocks (1 = RFC 1350 lock-step)."""
+        """The DATA phase: windows of ``windowsize`` blocks (1 = RFC 1350 lock-step).
+
+        This loop runs once per block at up to ~100k blocks/s, so it avoids what costs in
+        Python: one clock read per burst (``perf_counter``, trio's clock only for deadlines),
+        no coroutine for blocks already read, a non-blocking ``recv`` before any wait (on
+        loopback and LANs the ACK is often there already), a trio checkpoint only every
+        ``_CHECKPOINT_EVERY`` packets that needed no wait.
+        """
         res = self.result
         header = packets.data_header
         send_now = self._send_now
+        try_recv = self._try_recv
+        peek = source.peek
+        clock = time.perf_counter
+        spin = self._spin_seconds()
         base = 1  # first unacknowledged block
         sent_upto = 0  # highest block sent so far
         final: int | None = None  # last block (shorter than blksize), once read
         resend_from = 1
         retries = 0
-        window_sent_at = 0.0  # when block ``base`` last went out
+        window_sent_at = 0.0  # when block ``base`` last went out (perf_counter)
         last_tx = 0.0  # when the latest transmission burst ended
         window_clean = True  # no retransmission in this window (Karn: RTT sample valid)
         last_restart = -1.0
+        unyielded = 0
         while True:
             end = base + windowsize - 1
             if final is not None and end > final:
                 end = final
             if resend_from <= end:
-                if resend_from == base:
-                    window_sent_at = trio.current_time()
                 for seq in range(resend_from, end + 1):
-                    data = await source.block(seq)
+                    data = peek(seq)
+                    if data is None:
+                        data = await source.block(seq)
                     if len(data) < blksize:
                         final = seq
                         end = seq
@@ -590,12 +637,30 @@ class Session:
                     if seq == final:
                         self._final_sent = True
                         break
+                last_tx = clock()
+                if resend_from == base:
+                    window_sent_at = last_tx
                 resend_from = end + 1
-                last_tx = trio.current_time()
-            deadline = trio.current_time() + rto
+            deadline: float | None = None
             # Wait for an ACK that changes something.
             while True:
-                data = await self._recv(deadline)
+                data = try_recv()
+                if data is None and spin:
+                    # Few transfers running: a short busy-wait catches an ACK that is
+                    # microseconds away and skips the scheduler round trip.
+                    spin_until = clock() + spin
+                    while data is None and clock() < spin_until:
+                        data = try_recv()
+                if data is not None:
+                    unyielded += 1
+                    if unyielded >= _CHECKPOINT_EVERY:
+                        unyielded = 0
+                        await trio.lowlevel.checkpoint()
+                else:
+                    unyielded = 0
+                    if deadline is None:
+                        deadline = trio.current_time() + rto
+                    data = await self._recv(deadline)
                 if data is None:
                     retries += 1
                     if retries > self._policy.retries:
@@ -611,17 +676,16 @@ class Session:
                 if seq > sent_upto:
                     res.ignored_acks += 1  # stale (older than base - 1) or never sent
                     continue
-                now = trio.current_time()
                 if seq == base - 1:
                     # Duplicate ACK of the block before the window.
                     res.duplicate_acks += 1
-                    if now - window_sent_at >= self._holdoff():
+                    if clock() - window_sent_at >= self._holdoff():
                         resend_from = base
                         break
                     continue
                 # seq >= base: new data acknowledged.
                 if window_clean and seq == sent_upto:
-                    sample = now - last_tx
+                    sample = clock() - last_tx
                     old = self._srtt
                     self._srtt = sample if old is None else 0.875 * old + 0.125 * sample
                 if final is not None and seq == final:
@@ -634,6 +698,7 @@ class Session:
                     # The receiver stopped mid-window (RFC 7440: it lost seq + 1).  Restart
                     # after it, unless we just did: a client ACKing every block must not
                     # make us resend the window for each of its ACKs.
+                    now = clock()
                     if now - last_restart >= self._holdoff():
                         last_restart = now
                         resend_from = base

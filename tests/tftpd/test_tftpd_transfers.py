@@ -44,6 +44,16 @@ async def test_fetch_with_options(tree: Path, name: str, blksize: int | None,
     assert server.stats.retransmits == 0
 
 
+async def test_spinning_for_acks_changes_nothing_but_timing(tree: Path) -> None:
+    want = file_sha256(tree / CLIENT_A / "1m.bin")
+    policy = replace(FAST, spin_seconds=0.0002)
+    async with running(tree, policy=policy) as (server, addr):
+        for w in (None, 8):
+            res = await fetch(addr, "1m.bin", blksize=1024, windowsize=w, bind=CLIENT_A)
+            assert res.sha256 == want
+    assert server.stats.completed == 2
+
+
 async def test_small_edge_sizes(tree: Path) -> None:
     async with running(tree) as (server, addr):
         empty = await fetch(addr, "empty", bind=CLIENT_A)

@@ -1,0 +1,113 @@
+"""Peer TFTP servers for bench/tftp.py: fetched with ``apt-get download`` and unpacked with
+``dpkg -x`` into a private cache (tftpd-hpa and atftpd conflict as installed packages, and the
+benchmark must not change the machine), then started in the foreground on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGES = {"tftpd-hpa": "in.tftpd", "atftpd": "atftpd", "dnsmasq-base": "dnsmasq"}
+
+
+def fetch_peers(cache: Path) -> dict[str, Path]:
+    """Binary path per package, downloading and unpacking what the cache lacks."""
+    cache.mkdir(parents=True, exist_ok=True)
+    os.chmod(cache, 0o755)  # apt's _apt user must be able to write the download
+    found: dict[str, Path] = {}
+    for pkg, binary in PACKAGES.items():
+        root = cache / pkg
+        path = root / "usr" / "sbin" / binary
+        if not path.exists():
+            debs = cache / "debs"
+            debs.mkdir(exist_ok=True)
+            os.chmod(debs, 0o777)
+            subprocess.run(["apt-get", "download", "-q", pkg], cwd=debs, check=True,
+                           stdout=subprocess.DEVNULL)
+            deb = sorted(debs.glob(f"{pkg}_*.deb"))[-1]
+            shutil.rmtree(root, ignore_errors=True)
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        found[pkg] = path
+    return found
+
+
+@dataclass
+class Running:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
+                  max_clients: int) -> list[Running]:
+    """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
+
+    All get the same limits where they have them: block sizes up to 65464, at least
+    ``max_clients`` concurrent transfers, no per-transfer logging beyond their default.
+    ``root`` holds the files; vfsroot serves ``root/127.0.0.1`` through its per-client mode (its
+    normal path), so the peers are pointed at that same directory.
+    """
+    served = root / "127.0.0.1"
+    specs = {
+        "vfsroot": (6901, [sys.executable, "-m", "tftpd.cli", "--root", str(root),
+                           "--listen", "127.0.0.1:6901", "--blksize-max", "65464",
+                           "--max-sessions", str(4 * max_clients),
+                           "--max-sessions-per-ip", str(2 * max_clients),
+                           "--log-level", "WARNING"]),
+        "tftpd-hpa": (6902, [str(bins["tftpd-hpa"]), "-L", "-a", "127.0.0.1:6902", "-s",
+                             "-u", "root", "-B", "65464", str(served)]),
+        "atftpd": (6903, [str(bins["atftpd"]), "--daemon", "--no-fork", "--port", "6903",
+                          "--bind-address", "127.0.0.1", "--user", "root.root", "--logfile",
+                          str(logdir / "atftpd.log"), "--maxthread", str(2 * max_clients),
+                          str(served)]),
+        # dnsmasq's TFTP port is fixed at 69: fine inside the benchmark's network namespace.
+        "dnsmasq": (69, [str(bins["dnsmasq-base"]), "-k", "--conf-file=/dev/null", "--port=0",
+                         "--enable-tftp", f"--tftp-root={served}", "--listen-address=127.0.0.1",
+                         "--bind-interfaces", f"--tftp-max={2 * max_clients}", "--user=root",
+                         "--quiet-tftp", f"--pid-file={logdir / 'dnsmasq.pid'}"]),
+    }
+    running = []
+    for name, (port, cmd) in specs.items():
+        log = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the server)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).resolve().parent.parent)
+        running.append(Running(name, port, proc))
+    time.sleep(1.0)
+    for r in running:
+        if r.proc.poll() is not None:
+            for other in running:
+                other.stop()
+            raise SystemExit(f"{r.name} exited with {r.proc.returncode}: see {logdir}/{r.name}.log")
+    return running
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process and its reaped children (tftpd-hpa forks per transfer)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
