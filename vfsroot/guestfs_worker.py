@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import socket
 import stat
 import struct
 import sys
@@ -108,14 +109,46 @@ class Worker:
             self._scratch.flush()
             g.add_drive_opts(self._scratch.name, format="raw", readonly=True)
         else:
-            g.add_drive_opts(spec["export"], format="raw", readonly=True, protocol="nbd",
-                             server=[spec["server"]])
+            # readonly=True creates the qcow2 overlay right here, and qemu-img connects to
+            # the NBD server to do it: an unreachable server fails (or hangs) in this call.
+            try:
+                g.add_drive_opts(spec["export"], format="raw", readonly=True, protocol="nbd",
+                                 server=[spec["server"]])
+            except RuntimeError as e:
+                raise self._nbd_error(e) from None
         t0 = time.monotonic()
-        g.launch()
+        try:
+            g.launch()
+        except RuntimeError as e:
+            if spec.get("scratch"):
+                raise
+            raise self._nbd_error(e, launching=True) from None
         launched = time.monotonic() - t0
         self._mount_all(first=True)
         return {"launch_s": launched, "mount_s": time.monotonic() - t0 - launched,
                 "qemu_pid": g.get_pid(), "mounts": self.devices}
+
+    def _nbd_error(self, e: RuntimeError, launching: bool = False) -> GuestError:
+        """libguestfs says "qemu-img exited with error status 1"; say what is wrong."""
+        server = self.spec["server"]
+        where = server.split(":", 1)[1]
+        try:
+            if server.startswith("unix:"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(5)
+                    s.connect(where)
+            else:
+                host, _, port = where.rpartition(":")
+                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as probe:
+            reason = probe.strerror or str(probe)
+            return GuestError(probe.errno or errno.EHOSTUNREACH,
+                              f"NBD server {where} unreachable: {reason}")
+        if launching:
+            return GuestError(errno_of(e), f"appliance launch failed: {_one_line(str(e))}")
+        return GuestError(errno_of(e), f"NBD server {where} is reachable but the disk could "
+                          f"not be opened (export {self.spec['export']!r}?): "
+                          f"{_one_line(str(e))}")
 
     def _device_for(self, m: dict[str, Any]) -> str:
         g = self.g

@@ -186,7 +186,7 @@ async def test_failures_are_contained(tmp_path: pathlib.Path) -> None:
             # unreachable: fails by itself, clearly, and a lookup says so at once
             await wait_for(lambda: state(m, "127.0.0.36") == "failed", 120, "unreachable")
             msg = m.status()["127.0.0.36"]["message"]
-            assert "attach failed" in msg, msg
+            assert f"NBD server 127.0.0.1:{closed_port} unreachable" in msg, msg
             layer = m.layer_for("127.0.0.36")
             assert layer is not None
             t0 = time.monotonic()
