@@ -362,6 +362,7 @@ class Session:
         self._since_checkpoint = 0
         self._srtt: float | None = None
         self._final_sent = False
+        self._handle: FileHandle | None = None
 
     # -- socket helpers (raw non-blocking socket + trio readiness: the hot path) --------------
 
@@ -430,10 +431,9 @@ class Session:
         res = self.result
         current_client.set(res.client)
         started = time.monotonic()
-        handle: FileHandle | None = None
         try:
             with trio.fail_after(self._policy.max_transfer_seconds):
-                handle = await self._prepare_and_send()
+                await self._prepare_and_send()
         except _PeerGone as exc:
             res.outcome = "ok-unconfirmed" if self._final_sent else "client-gone"
             res.detail = str(exc)
@@ -458,8 +458,8 @@ class Session:
             self.send_error_nowait(ERR_NOT_DEFINED, "internal server error")
         finally:
             res.seconds = time.monotonic() - started
-            if handle is not None:
-                handle.close()
+            if self._handle is not None:
+                self._handle.close()
             self._sock.close()
         return res
 
@@ -490,7 +490,7 @@ class Session:
                 state["abandoned"] = True
             raise
 
-    async def _prepare_and_send(self) -> FileHandle | None:
+    async def _prepare_and_send(self) -> None:
         req = self._request
         if not req.is_read:
             await self._refuse(
@@ -498,26 +498,27 @@ class Session:
                 "uploads are not supported: this TFTP server is read-only",
                 "refused-write",
             )
-            return None
+            return
         if req.mode not in ("octet", "netascii"):
             await self._refuse(
                 ERR_ILLEGAL_OPERATION,
                 f"transfer mode {req.mode!r} is not supported (use octet or netascii)",
                 "refused-mode",
             )
-            return None
+            return
         try:
             relpath = normalise(req.filename)
         except PathRefused as exc:
             await self._refuse(ERR_ACCESS_VIOLATION, str(exc), "refused-path")
-            return None
+            return
         try:
             opened = await self._open(relpath)
         except OpenRefused as exc:
             outcome = "not-found" if exc.code == ERR_FILE_NOT_FOUND else "refused-file"
             await self._refuse(exc.code, str(exc), outcome)
-            return None
-        handle = FileHandle(opened.fd)
+            return
+        # Owned by the session from here: run() closes it however the transfer ends.
+        self._handle = handle = FileHandle(opened.fd)
         netascii = req.mode == "netascii"
         size = opened.size
         if netascii and "tsize" in req.options:
@@ -534,7 +535,6 @@ class Session:
         if neg.oack:
             await self._send_oack(neg.oack, rto)
         await self._send_blocks(source, neg.blksize, neg.windowsize, rto)
-        return handle
 
     def _mtu_cap(self) -> int | None:
         if not self._policy.mtu_clamp:

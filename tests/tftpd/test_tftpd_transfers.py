@@ -4,6 +4,7 @@ rules, probes, limits, isolation."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -355,7 +356,6 @@ async def test_session_limits(tree: Path) -> None:
 
 async def test_memory_per_session_is_bounded(tree: Path) -> None:
     """The block source never holds more than the window plus one read-ahead chunk."""
-    import os
 
     from tftpd.session import BlockSource, FileHandle
 
@@ -405,3 +405,32 @@ async def test_replies_come_from_the_address_the_request_went_to(tree: Path) -> 
                 assert isinstance(packet, Data)
                 assert source[0] == dest
                 c.ack(1)
+
+
+async def test_no_descriptor_leaks_whatever_the_outcome(tree: Path) -> None:
+    """Completed, timed out, aborted, refused, client gone: every file and socket is closed."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    policy = TransferPolicy(retransmit_timeout=0.05, retries=1)
+    async with running(tree, policy=policy) as (server, addr):
+        before = open_fds()
+        await fetch(addr, "1m.bin", blksize=1468, windowsize=8, bind=CLIENT_A)
+        with RawClient(addr, CLIENT_A) as c:  # times out
+            c.rrq("secret-a")
+            assert [type(await c.expect(object)) for _ in range(3)] == [Data, Data, Error]
+        with RawClient(addr, CLIENT_A) as c:  # aborts after the OACK
+            c.rrq("secret-a", tsize=0)
+            await c.expect(OptionAck)
+            c.send_peer(packets.encode_error(8, "probe"))
+        with RawClient(addr, CLIENT_A) as c:  # goes away mid-transfer
+            c.rrq("big.bin")
+            await c.expect(Data)
+        with pytest.raises(TftpError):
+            await fetch(addr, "../x", bind=CLIENT_A)
+        with trio.fail_after(5):
+            await server.wait_idle()
+        assert open_fds() == before
+    assert server.stats.timeouts == 1
+    assert server.stats.aborted_by_client == 1
+    assert server.stats.client_gone + server.stats.timeouts == 2
