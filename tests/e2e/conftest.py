@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from .harness import (
     CLIENT_IP,
     LDLINUX,
     PXELINUX,
-    HarnessError,
     Initrd,
     NbdServer,
     Netns,
@@ -48,6 +46,7 @@ from .harness import (
     tail,
     tftpd_hpa_argv,
     vfsroot_tftpd_argv,
+    wait_file,
     wait_tftp,
 )
 
@@ -179,7 +178,7 @@ def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
                 # Attach the disk (an appliance launch: 25-45 s under TCG) before any firmware
                 # asks, and check the disk's bytes come through the mount.
                 cfg = f"pxelinux.cfg/{mac_config_name(MAC_IPXE)}"
-                _wait_file(client_root / cfg, boot_files.configs[MAC_IPXE][0].encode(),
+                wait_file(client_root / cfg, boot_files.configs[MAC_IPXE][0].encode(),
                            daemon_log, timeout=240)
                 log = work / "vfsroot-tftpd.log"
                 ns.popen(vfsroot_tftpd_argv(mount), log)
@@ -187,20 +186,6 @@ def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
                 yield Rig(kind, ns, work, log, client_root, (daemon_log, work / "nbdkit.log"))
         finally:
             nbd.stop()
-
-
-def _wait_file(path: Path, expect: bytes, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            if path.read_bytes() == expect:
-                return
-            last = "content differs"
-        except OSError as e:
-            last = e
-        time.sleep(1)
-    raise HarnessError(f"{path} never showed the disk's file ({last}):\n{tail(log)}")
 
 
 @pytest.fixture

@@ -415,6 +415,21 @@ def wait_tftp(ns: Netns, path: str, expect: bytes, log: Path, timeout: float = 2
     raise HarnessError(f"TFTP server never served {path}: {last}\n{tail(log)}")
 
 
+def wait_file(path: Path, expect: bytes, log: Path, timeout: float) -> None:
+    """Read `path` (in a FUSE view) until it holds `expect`: a disk attaches in the meantime."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if path.read_bytes() == expect:
+                return
+            last = "content differs"
+        except OSError as e:
+            last = e
+        time.sleep(1)
+    raise HarnessError(f"{path} never showed the disk's file ({last}):\n{tail(log)}")
+
+
 # --- firmware -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
