@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> None:
         outdir.mkdir()
         logdir = work / "logs"
         logdir.mkdir()
-        servers = tftp_peers.start_servers(bins, root, logdir, max_clients=64)
+        servers = tftp_peers.start_servers(bins, root, logdir, max_clients=64,
+                                           workers=args.workers)
         results: dict[str, dict[str, list[float]]] = {}
         nowindow: set[tuple[str, str]] = set()
 
@@ -201,7 +202,7 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
     head = f"{'':{width}}" + "".join(f"{s:>11}" for s in SERVERS) + "".join(
         f"{'vs ' + p:>13}" for p in SERVERS[1:])
     print(f"\nTFTP benchmark: medians of {args.rounds} round(s), loopback, "
-          f"{os.cpu_count()} CPUs; ratio = vfsroot / peer "
+          f"{os.cpu_count()} CPUs, vfsroot --workers {args.workers}; ratio = vfsroot / peer "
           "(higher is better for rates, lower for times/CPU/RSS)")
     print(head)
     print("-" * len(head))
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-seconds", type=float, default=3.0)
     p.add_argument("--cache", default="/var/cache/vfsroot-bench")
     p.add_argument("--json", help="also write the raw figures here")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="vfsroot-tftpd --workers (default: one per CPU)")
     p.add_argument("--quick", action="store_true", help="1 round, 8 MiB: check the setup")
     args = p.parse_args(argv)
     if args.quick:

@@ -57,7 +57,7 @@ class Running:
 
 
 def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
-                  max_clients: int) -> list[Running]:
+                  max_clients: int, workers: int = 1) -> list[Running]:
     """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
 
     All get the same limits where they have them: block sizes up to 65464, at least
@@ -71,7 +71,7 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                            "--listen", "127.0.0.1:6901", "--blksize-max", "65464",
                            "--max-sessions", str(4 * max_clients),
                            "--max-sessions-per-ip", str(2 * max_clients),
-                           "--log-level", "WARNING"]),
+                           "--workers", str(workers), "--log-level", "WARNING"]),
         "tftpd-hpa": (6902, [str(bins["tftpd-hpa"]), "-L", "-a", "127.0.0.1:6902", "-s",
                              "-u", "root", "-B", "65464", str(served)]),
         "atftpd": (6903, [str(bins["atftpd"]), "--daemon", "--no-fork", "--port", "6903",
@@ -99,15 +99,26 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
     return running
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process and its reaped children (tftpd-hpa forks per transfer)."""
+    """utime + stime of the process, its reaped children (tftpd-hpa forks per transfer) and
+    its live children (vfsroot --workers)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(c) for c in _children(pid))
 
 
 def peak_rss_mib(pid: int) -> float:
+    """Peak RSS of the process plus that of its live children (worker processes)."""
+    peak = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+            peak = int(line.split()[1]) / 1024
+    return peak + sum(peak_rss_mib(c) for c in _children(pid))

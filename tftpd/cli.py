@@ -7,11 +7,14 @@ use, no permission for port 69, bad systemd socket), 2 for command-line mistakes
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, time running transfers get to finish")
     p.add_argument("--follow-outside-symlinks", action="store_true",
                    help="serve symlinks that point outside the client's directory")
+    p.add_argument("--workers", type=_bounded(1, 64), default=1,
+                   help="server processes sharing the listen address (SO_REUSEPORT); limits "
+                        "apply per worker (default 1)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -147,9 +153,10 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify failed error=%s", exc)
 
 
-async def _run(server: TftpServer) -> None:
-    """Serve until the first SIGTERM/SIGINT (graceful, with the grace period); a second signal
-    ends the running transfers at once."""
+async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
+    """Serve until SIGTERM/SIGINT: stop accepting, let transfers finish within the grace
+    period.  A second SIGINT (Ctrl-C again) ends the transfers at once; a repeated SIGTERM does
+    not (systemd signals every process of the unit, and the parent forwards it too)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -159,17 +166,82 @@ async def _run(server: TftpServer) -> None:
 
             await nursery.start(run_server)
             sd_notify("READY=1")
-            count = 0
+            stopping = False
             async for signum in signals:
-                count += 1
-                if count == 1:
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                if not stopping:
+                    stopping = True
                     log.info("signal=%s: stopping, grace=%.1fs",
                              signal.Signals(signum).name, server.config.grace)
                     sd_notify("STOPPING=1")
                     server.stop()
-                else:
-                    log.warning("second signal: ending transfers now")
+                elif signum == signal.SIGINT:
+                    log.warning("second interrupt: ending transfers now")
                     nursery.cancel_scope.cancel()
+
+
+def _start_workers(config: ServerConfig, count: int) -> tuple[TftpServer, tuple[int, ...]]:
+    """Bind every worker's sockets in this process (errors stay one clear line), then fork
+    workers 2..count; returns this process's server and the children's pids."""
+    if count == 1:
+        server = TftpServer(config)
+        server.bind()  # before trio.run: a busy port is one clear line, not a traceback
+        return server, ()
+    if config.inherited_fds:
+        raise ConfigError("--workers > 1 needs --listen ADDR:PORT (systemd passes one socket)")
+    first = TftpServer(replace(config, reuse_port=True, worker=f"1/{count}"))
+    first.bind()
+    specs = first.bound_specs()
+    others = []
+    try:
+        for i in range(2, count + 1):
+            srv = TftpServer(replace(config, listen=specs, reuse_port=True,
+                                     worker=f"{i}/{count}"))
+            srv.bind()
+            others.append(srv)
+    except BaseException:
+        for srv in [first, *others]:
+            srv.close()
+        raise
+    pids = []
+    for i, srv in enumerate(others):
+        pid = os.fork()
+        if pid == 0:  # the child serves only its own sockets
+            _die_with_parent()
+            for other in [first, *others[:i], *others[i + 1:]]:
+                other.close()
+            try:
+                trio.run(_run, srv)
+                code = 0
+            except BaseException:
+                log.exception("worker %s failed", srv.config.worker)
+                code = 1
+            logging.shutdown()
+            os._exit(code)
+        srv.close()
+        pids.append(pid)
+    return first, tuple(pids)
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive the process systemd (or a test) supervises: ask the kernel
+    for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        log.warning("cannot tie worker to its parent (prctl unavailable)")
+
+
+def _reap(children: tuple[int, ...]) -> int:
+    status = 0
+    for pid in children:
+        _, code = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(code) != 0:
+            status = 1
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,15 +254,19 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if not config.root.is_dir():
             log.warning("root is not a directory (yet) root=%s", config.root)
-        server = TftpServer(config)
-        server.bind()  # before trio.run: a busy port is one clear line, not a traceback
-        trio.run(_run, server)
+        server, children = _start_workers(config, args.workers)
     except ConfigError as exc:
         print(f"vfsroot-tftpd: {exc}", file=sys.stderr)
         return 1
+    try:
+        trio.run(_run, server, children)
     except KeyboardInterrupt:
-        return 0
-    return 0
+        pass
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    return _reap(children)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,12 @@ class ServerConfig:
     policy: TransferPolicy = field(default_factory=TransferPolicy)
     #: ERROR replies sent from a listen socket per second (malformed/busy), burst twice that.
     error_replies_per_second: float = 50.0
+    #: SO_REUSEPORT on listen sockets, so several worker processes can share one address.
+    #: The kernel hashes (client ip, client port) to one socket: a retransmitted RRQ reaches
+    #: the same worker, which keeps the dedupe exact.
+    reuse_port: bool = False
+    #: Shown in log lines when several workers run ("1/2"); empty for a single process.
+    worker: str = ""
 
 
 @dataclass
@@ -238,6 +244,23 @@ class TftpServer:
         self._stop_requested = False
         self._bound: list[socket.socket] | None = None
 
+    def bound_specs(self) -> tuple[ListenSpec, ...]:
+        """The listen sockets as specs with real ports (for more workers on the same ports)."""
+        assert self._bound is not None, "bind() first"
+        specs = []
+        for sock in self._bound:
+            host, port = sock.getsockname()[:2]
+            v6only = bool(sock.family == socket.AF_INET6 and sock.getsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            specs.append(ListenSpec(host, port, sock.family, v6only=v6only))
+        return tuple(specs)
+
+    def close(self) -> None:
+        """Close listen sockets opened by :meth:`bind` without running (another worker's)."""
+        for sock in self._bound or ():
+            sock.close()
+        self._bound = []
+
     def bind(self) -> list[tuple[str, int]]:
         """Open the listen sockets now (synchronously), so a bad address or a busy port is a
         plain ConfigError for the caller instead of an error inside a nursery.  Optional:
@@ -291,6 +314,8 @@ class TftpServer:
             raise ConfigError(f"cannot create a socket for {spec}: {exc.strerror}") from None
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if spec.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(spec.v6only))
             _enable_pktinfo(sock)
@@ -369,9 +394,10 @@ class TftpServer:
                         for tsock, rsock in zip(listeners, raw, strict=True):
                             listen.start_soon(self._listen_loop, tsock, rsock, sessions, ctx,
                                               buckets)
-                        log.info("listening addresses=%s root=%s mode=%s",
+                        log.info("listening addresses=%s root=%s mode=%s%s",
                                  ",".join(f"{h}:{p}" for h, p in self.addresses),
-                                 self.config.root, "flat" if self.config.flat else "per-client")
+                                 self.config.root, "flat" if self.config.flat else "per-client",
+                                 f" worker={self.config.worker}" if self.config.worker else "")
                         task_status.started(list(self.addresses))
                 # Stopped: no new requests; let running transfers finish within the grace.
                 self._stopping = True
@@ -389,8 +415,9 @@ class TftpServer:
         finally:
             for sock in listeners:
                 sock.close()
-        log.info("stopped stats=%s", " ".join(f"{k}={v}" for k, v in
-                                                self.stats.as_dict().items()))
+        counters = " ".join(f"{k}={v}" for k, v in self.stats.as_dict().items())
+        log.info("stopped%s stats=%s",
+                 f" worker={self.config.worker}" if self.config.worker else "", counters)
 
     async def wait_idle(self) -> None:
         """Return once no transfer is running (at once if none is)."""

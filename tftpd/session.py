@@ -397,24 +397,27 @@ class Session:
             return 0.0
         return self._policy.spin_seconds
 
-    async def _recv(self, deadline: float) -> bytes | None:
-        """Next datagram from the client, or None when ``deadline`` passes."""
+    async def _recv(self, deadline: float, *, tried: bool = False) -> bytes | None:
+        """Next datagram from the client, or None when ``deadline`` passes.  ``tried``: the
+        caller has just found the socket empty, so wait before the first ``recv``."""
         sock = self._sock
         while True:
-            try:
-                data = sock.recv(MAX_DATAGRAM)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise _PeerGone(os.strerror(exc.errno or 0)) from None
-            else:
-                self._since_checkpoint += 1
-                if self._since_checkpoint >= _CHECKPOINT_EVERY:
-                    self._since_checkpoint = 0
-                    await trio.lowlevel.checkpoint()
-                return data
-            if trio.current_time() >= deadline:
-                return None
+            if not tried:
+                try:
+                    data = sock.recv(MAX_DATAGRAM)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise _PeerGone(os.strerror(exc.errno or 0)) from None
+                else:
+                    self._since_checkpoint += 1
+                    if self._since_checkpoint >= _CHECKPOINT_EVERY:
+                        self._since_checkpoint = 0
+                        await trio.lowlevel.checkpoint()
+                    return data
+                if trio.current_time() >= deadline:
+                    return None
+            tried = False
             self._since_checkpoint = 0
             with trio.move_on_at(deadline):
                 await trio.lowlevel.wait_readable(sock)
@@ -660,7 +663,9 @@ class Session:
                     unyielded = 0
                     if deadline is None:
                         deadline = trio.current_time() + rto
-                    data = await self._recv(deadline)
+                        data = await self._recv(deadline, tried=True)
+                    else:
+                        data = await self._recv(deadline)
                 if data is None:
                     retries += 1
                     if retries > self._policy.retries:

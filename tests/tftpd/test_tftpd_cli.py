@@ -220,3 +220,34 @@ async def test_falls_back_to_ipv4_when_ipv6_is_disabled(
     assert asked[0] == ("0.0.0.0", 0)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "IPv4 only" in warnings[0], warnings
+
+
+async def test_workers_share_the_port_and_keep_dedupe(tree: Path) -> None:
+    """--workers 2: both processes serve one address; a retransmitted RRQ still reaches the
+    same worker (SO_REUSEPORT hashes the client's address), so it is still deduplicated."""
+    cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0", "--workers", "2",
+                           "--retransmit", "5"])
+    try:
+        await cli.read_until(rb"worker=2/2")
+        addr = ("127.0.0.1", cli.port)
+        want = file_sha256(tree / CLIENT_A / "secret-a")
+        for _ in range(12):  # new client ports: the kernel spreads them over both workers
+            res = await fetch(addr, "secret-a", blksize=1468, bind=CLIENT_A)
+            assert res.sha256 == want
+        for _ in range(3):
+            with RawClient(addr, CLIENT_A) as c:
+                for _ in range(3):
+                    c.rrq("secret-a", blksize=1024)
+                await c.expect(packets.OptionAck)
+                assert await c.quiet(0.2) == []
+                c.send_peer(packets.encode_error(0, "enough"))
+        cli.proc.send_signal(signal.SIGTERM)
+        assert await cli.wait() == 0
+        stopped = re.findall(rb"stopped worker=(\d)/2 stats=requests=(\d+) .*"
+                             rb"duplicate_requests=(\d+)", cli.log)
+        assert sorted(w for w, _, _ in stopped) == [b"1", b"2"], cli.log.decode()
+        assert sum(int(n) for _, n, _ in stopped) == 12 + 9
+        assert sum(int(d) for _, _, d in stopped) == 6
+        assert all(int(n) > 0 for _, n, _ in stopped), "one worker got no request at all"
+    finally:
+        cli.proc.kill()
