@@ -40,7 +40,8 @@ IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
 SYSTEMD_FIRST_FD = 3
 
 #: Outcomes logged below INFO: none. Outcomes that hint at an attack or a broken setup: WARNING.
-_WARN_OUTCOMES = frozenset({"refused-path", "refused-file", "timeout", "refused-mode"})
+_WARN_OUTCOMES = frozenset({"refused-path", "refused-file", "timeout", "refused-mode",
+                            "read-error"})
 
 
 class ConfigError(Exception):

@@ -48,7 +48,6 @@ from .packets import (
     ERR_FILE_NOT_FOUND,
     ERR_ILLEGAL_OPERATION,
     ERR_NOT_DEFINED,
-    MAX_DATAGRAM,
     TIMEOUT_MAX,
     TIMEOUT_MIN,
     WINDOWSIZE_MAX,
@@ -68,6 +67,10 @@ current_client: contextvars.ContextVar[str] = contextvars.ContextVar(
 
 IP_MTU = 14  # linux/in.h; not exported by Python 3.11's socket module
 IPV6_MTU = 24  # linux/in6.h
+
+#: A sender only ever receives ACKs (4 bytes) and ERRORs; a small buffer saves allocating
+#: 64 KiB per packet.  Anything longer is truncated, which is harmless for both.
+_RECV_SIZE = 2048
 
 #: A task that only ever finds data ready would never yield; yield after this many packets.
 _CHECKPOINT_EVERY = 32
@@ -384,7 +387,7 @@ class Session:
     def _try_recv(self) -> bytes | None:
         """A datagram if one is queued, else None (never waits)."""
         try:
-            return self._sock.recv(MAX_DATAGRAM)
+            return self._sock.recv(_RECV_SIZE)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -404,7 +407,7 @@ class Session:
         while True:
             if not tried:
                 try:
-                    data = sock.recv(MAX_DATAGRAM)
+                    data = sock.recv(_RECV_SIZE)
                 except BlockingIOError:
                     pass
                 except OSError as exc:
@@ -454,7 +457,11 @@ class Session:
             res.outcome = "shutdown"
             self.send_error_nowait(ERR_NOT_DEFINED, "server shutting down")
             raise
-        except Exception as exc:  # a bug or an I/O error must end this transfer only
+        except OSError as exc:  # the file: EIO from a disk behind the FUSE tree, ...
+            res.outcome = "read-error"
+            res.detail = f"{exc.strerror or exc}"
+            self.send_error_nowait(ERR_NOT_DEFINED, f"cannot read file: {exc.strerror or exc}")
+        except Exception as exc:  # a bug must end this transfer only
             res.outcome = "error"
             res.detail = f"{type(exc).__name__}: {exc}"
             log.exception("transfer failed client=%s file=%r", res.client, res.filename)

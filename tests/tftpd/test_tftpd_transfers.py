@@ -434,3 +434,76 @@ async def test_no_descriptor_leaks_whatever_the_outcome(tree: Path) -> None:
     assert server.stats.timeouts == 1
     assert server.stats.aborted_by_client == 1
     assert server.stats.client_gone + server.stats.timeouts == 2
+
+
+async def test_a_blocked_read_does_not_stall_other_clients(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FUSE tree can block on a disk: reads run in worker threads, so one client's stuck
+    read leaves everybody else's transfers running."""
+    import threading
+    import time
+
+    from tftpd import session as session_mod
+
+    gate = threading.Event()
+    real = session_mod.FileHandle.pread_exact
+
+    def pread_exact(self, size: int, offset: int) -> bytes:
+        if threading.current_thread() is not threading.main_thread() and offset > 0 and (
+                size == 256 * 1024 and getattr(self, "_slow", False)):
+            gate.wait(10)
+        return real(self, size, offset)
+
+    real_init = session_mod.FileHandle.__init__
+
+    def init(self, fd: int) -> None:
+        real_init(self, fd)
+        self._slow = os.readlink(f"/proc/self/fd/{fd}").endswith("1m.bin")
+
+    monkeypatch.setattr(session_mod.FileHandle, "pread_exact", pread_exact)
+    monkeypatch.setattr(session_mod.FileHandle, "__init__", init)
+    async with running(tree) as (server, addr), trio.open_nursery() as nursery:
+        slow_done = trio.Event()
+
+        async def slow() -> None:
+            res = await fetch(addr, "1m.bin", blksize=1024, bind=CLIENT_A, retransmit=5)
+            assert res.sha256 == file_sha256(tree / CLIENT_A / "1m.bin")
+            slow_done.set()
+
+        nursery.start_soon(slow)
+        await trio.sleep(0.2)  # the slow transfer is now stuck on its second read
+        t0 = time.monotonic()
+        for _ in range(3):
+            res = await fetch(addr, "secret-b", windowsize=4, bind=CLIENT_B)
+            assert res.size == 70000
+        assert time.monotonic() - t0 < 5
+        assert not slow_done.is_set()
+        gate.set()
+    assert server.stats.completed == 4
+
+
+async def test_read_errors_end_only_that_transfer(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+
+    from tftpd import session as session_mod
+
+    real = session_mod.FileHandle.pread_exact
+
+    def failing(self, size: int, offset: int) -> bytes:
+        if offset > 0:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, size, offset)
+
+    caplog.set_level(logging.INFO, logger="tftpd")
+    async with running(tree, policy=replace(FAST, read_ahead=65536)) as (server, addr):
+        monkeypatch.setattr(session_mod.FileHandle, "pread_exact", failing)
+        with pytest.raises(TftpError) as exc:
+            await fetch(addr, "big.bin", blksize=1024, bind=CLIENT_A)
+        assert "Input/output error" in exc.value.message
+        monkeypatch.undo()
+        res = await fetch(addr, "big.bin", blksize=1024, bind=CLIENT_A)
+        assert res.size == 3_000_000
+    assert server.stats.errors == 1 and server.stats.completed == 1
+    line = next(r for r in caplog.records if "outcome=read-error" in r.getMessage())
+    assert line.levelno == logging.WARNING and not line.exc_info
