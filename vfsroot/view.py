@@ -23,13 +23,11 @@ from .layers.base import Layer, Node, Path
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """A path of the merged view: the node that serves it and the layers that merge into it."""
+    """A path of the merged view: the node that serves it and the layer it comes from."""
 
     node: Node
     #: The layer whose node is served.
     layer: Layer
-    #: For directories: every layer whose directory merges here, highest first.
-    contributors: tuple[Layer, ...]
 
 
 class View:
@@ -40,59 +38,66 @@ class View:
         self.layers = tuple(layers)
 
     async def resolve(self, path: Path) -> Resolved | None:
-        """What the merged view has at `path`, or None."""
-        contributors: tuple[Layer, ...] = self.layers
-        node: Node | None = None
-        top: Layer | None = None
+        """What the merged view has at `path`, or None.
+
+        Layers are asked top-down and only as far as needed: a file the client directory has
+        is served without asking the disk below it (which may be attaching), even when its
+        parent directory merges with the disk's.  A lower layer is asked only after every
+        higher one turned out not to have the path, and its answer counts only if no higher
+        layer shadows one of the path's directories with a non-directory.
+        """
         if not path:
             return await self._root()
-        for depth in range(1, len(path) + 1):
-            prefix = path[:depth]
-            node, top, contributors = await self._step(prefix, contributors)
-            if node is None:
+        depth = len(path)
+        #: stopped[d]: a layer still merging at path[:d-1] has a non-directory at path[:d],
+        #: which hides path[:d] (and everything below it) in every lower layer.
+        stopped = [False] * depth
+        for layer in self.layers:
+            node = await layer.lookup(path)
+            if node is not None:
+                # The layer has the whole path, so each of its prefixes is a directory: it
+                # serves the path unless a higher layer cut one of those prefixes off.
+                if not any(stopped[1:]):
+                    return Resolved(node, layer)
                 return None
-            if not node.is_dir and depth < len(path):
-                return None  # a file in the middle of a path: ENOENT, like ENOTDIR
-        assert node is not None and top is not None
-        return Resolved(node, top, contributors)
+            for d in range(1, depth):
+                if stopped[d]:
+                    break
+                prefix = await layer.lookup(path[:d])
+                if prefix is None:
+                    break
+                if not prefix.is_dir:
+                    stopped[d] = True
+                    break
+        return None
 
     async def _root(self) -> Resolved | None:
-        roots: list[tuple[Layer, Node]] = []
         for layer in self.layers:
             node = await layer.lookup(())
             if node is not None and node.is_dir:
-                roots.append((layer, node))
-        if not roots:
-            return None
-        return Resolved(roots[0][1], roots[0][0], tuple(layer for layer, _ in roots))
+                return Resolved(node, layer)
+        return None
 
-    @staticmethod
-    async def _step(
-        path: Path, parents: tuple[Layer, ...]
-    ) -> tuple[Node | None, Layer | None, tuple[Layer, ...]]:
-        """Resolve one more component among the layers whose parent directory merges here."""
-        first: Node | None = None
-        first_layer: Layer | None = None
-        dirs: list[Layer] = []
-        for layer in parents:
-            node = await layer.lookup(path)
-            if node is None:
-                continue
-            if first is None:
-                first, first_layer = node, layer
+    async def contributors(self, path: Path) -> tuple[Layer, ...]:
+        """Every layer whose directory at `path` merges into the view's, highest first."""
+        merging: tuple[Layer, ...] = tuple(
+            [layer for layer in self.layers if (n := await layer.lookup(())) and n.is_dir])
+        for depth in range(1, len(path) + 1):
+            dirs: list[Layer] = []
+            for layer in merging:
+                node = await layer.lookup(path[:depth])
+                if node is None:
+                    continue
                 if not node.is_dir:
-                    break
+                    break  # it and everything below it are shadowed (or the path is a file)
                 dirs.append(layer)
-            elif node.is_dir:
-                dirs.append(layer)
-            else:
-                break  # a lower file under our directory: it and everything below are shadowed
-        return first, first_layer, tuple(dirs)
+            merging = tuple(dirs)
+        return merging
 
     async def listdir(self, resolved: Resolved, path: Path) -> dict[str, Node]:
         """Union listing of a merged directory: for each name, the node the view serves."""
         result: dict[str, Node] = {}
-        for layer in resolved.contributors:
+        for layer in await self.contributors(path):
             for name, node in (await layer.listdir(path)).items():
                 result.setdefault(name, node)
         return result

@@ -104,9 +104,8 @@ async def test_directories_merge_through_a_layer_that_lacks_the_path() -> None:
         "deep": ("client", "file"), "deeper": ("default", "file"),
     }
     assert await served(v, "pxelinux.cfg", "a", "deeper") == ("default", "file")
-    resolved = await v.resolve(("pxelinux.cfg", "a"))
-    assert resolved is not None
-    assert [layer.name for layer in resolved.contributors] == ["client", "default"]
+    contributors = await v.contributors(("pxelinux.cfg", "a"))
+    assert [layer.name for layer in contributors] == ["client", "default"]
 
 
 async def test_file_in_the_middle_of_a_path_is_not_a_directory() -> None:
@@ -126,6 +125,28 @@ async def test_unavailable_layer_never_falls_through(path: tuple[str, ...]) -> N
 async def test_unavailable_layer_does_not_hide_a_higher_file() -> None:
     v = view({"vmlinuz": b"client"}, {}, {"vmlinuz": b"default"}, unavailable=1)
     assert await served(v, "vmlinuz") == ("client", "file")
+
+
+async def test_unavailable_layer_does_not_block_a_higher_file_in_a_merged_directory() -> None:
+    # The client's own pxelinux.cfg/01-<mac> must be served while its disk attaches, although
+    # pxelinux.cfg/ merges with the disk's (and default's) directory of the same name.
+    v = view({"pxelinux.cfg": {"01-aa": b"client"}}, {},
+             {"pxelinux.cfg": {"default": b"default"}}, unavailable=1)
+    assert await served(v, "pxelinux.cfg", "01-aa") == ("client", "file")
+    assert await served(v, "pxelinux.cfg") == ("client", "dir")
+    with pytest.raises(LayerUnavailable):
+        await served(v, "pxelinux.cfg", "default")  # the disk might shadow it
+    with pytest.raises(LayerUnavailable):
+        await listing(v, "pxelinux.cfg")  # the listing needs the disk's entries
+
+
+async def test_higher_file_cuts_off_a_deeper_lower_path() -> None:
+    v = view({}, {"boot": b"a file"}, {"boot": {"vmlinuz": b"default"}})
+    assert await served(v, "boot") == ("disk", "file")
+    assert await served(v, "boot", "vmlinuz") is None
+    v = view({"boot": {}}, {"boot": b"a file"}, {"boot": {"vmlinuz": b"default"}})
+    assert await served(v, "boot", "vmlinuz") is None
+    assert await listing(v, "boot") == {}
 
 
 async def test_explain_lists_every_copy_highest_first() -> None:
