@@ -238,6 +238,19 @@ class FileHandle:
                 if self._closed and self._busy == 0:
                     os.close(self._fd)
 
+    @staticmethod
+    def read_all(fd: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes from offset 0 of a descriptor nobody else uses yet."""
+        parts: list[bytes] = []
+        got = 0
+        while got < limit:
+            chunk = os.pread(fd, limit - got, got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -251,6 +264,11 @@ def _netascii(data: bytes) -> bytes:
     """RFC 764 NVT encoding: CR -> CR NUL first, then LF -> CR LF.  Stateless per byte, so it
     can be applied chunk by chunk."""
     return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
+
+
+def chunk_size(read_ahead: int, blksize: int) -> int:
+    """Bytes per worker-thread read: the operator's read-ahead, but at least 32 blocks."""
+    return max(read_ahead, 32 * blksize)
 
 
 class BlockSource:
@@ -268,10 +286,11 @@ class BlockSource:
         limiter: trio.CapacityLimiter,
         *,
         netascii: bool = False,
+        whole_file: bytes | None = None,
     ) -> None:
         self._handle = handle
         self._blksize = blksize
-        self._chunk = max(read_ahead, 32 * blksize)
+        self._chunk = chunk_size(read_ahead, blksize)
         self._limiter = limiter
         self._netascii = netascii
         self._buf = b""
@@ -279,6 +298,10 @@ class BlockSource:
         self._raw_off = 0  # next file offset to read
         self._eof = False
         self._keep_off = 0
+        if whole_file is not None:  # read together with the open (small files)
+            self._buf = _netascii(whole_file) if netascii else whole_file
+            self._raw_off = len(whole_file)
+            self._eof = True
 
     def release_before(self, seq: int) -> None:
         """Blocks before ``seq`` are acknowledged and will not be asked again."""
@@ -478,18 +501,31 @@ class Session:
         self.result.detail = message
         self.send_error_nowait(code, message)
 
-    async def _open(self, relpath: str) -> OpenedFile:
-        """Open in a worker thread without leaking the fd if we stop waiting for it."""
+    async def _open(self, relpath: str, small: int) -> tuple[OpenedFile, bytes | None]:
+        """Open in a worker thread without leaking the fd if we stop waiting for it.
+
+        A file of at most ``small`` bytes (configs, pxelinux.cfg/*: most requests) is read in
+        the same thread call, saving the second thread hop that dominates small requests.
+        """
         lock = threading.Lock()
         state: dict[str, object] = {"abandoned": False}
 
-        def opener() -> OpenedFile:
+        def opener() -> tuple[OpenedFile, bytes | None]:
             opened = self._ctx.roots.open(self.result.client, relpath)
+            data = None
+            try:
+                if opened.size <= small:
+                    data = FileHandle.read_all(opened.fd, small + 1)
+                    if len(data) > small:  # grew since fstat: read it the normal way
+                        data = None
+            except BaseException:
+                os.close(opened.fd)
+                raise
             with lock:
                 if state["abandoned"]:
                     os.close(opened.fd)
                     raise OpenRefused(ERR_NOT_DEFINED, "abandoned")
-            return opened
+            return opened, data
 
         try:
             return await trio.to_thread.run_sync(
@@ -521,8 +557,12 @@ class Session:
         except PathRefused as exc:
             await self._refuse(ERR_ACCESS_VIOLATION, str(exc), "refused-path")
             return
+        # blksize does not depend on the file: the read size is known before the open.
+        blksize = negotiate(req.options, self._policy, tsize=0,
+                            blksize_cap=self._mtu_cap()).blksize
         try:
-            opened = await self._open(relpath)
+            opened, whole = await self._open(
+                relpath, chunk_size(self._policy.read_ahead, blksize))
         except OpenRefused as exc:
             outcome = "not-found" if exc.code == ERR_FILE_NOT_FOUND else "refused-file"
             await self._refuse(exc.code, str(exc), outcome)
@@ -538,7 +578,8 @@ class Session:
         neg = negotiate(req.options, self._policy, tsize=size, blksize_cap=self._mtu_cap())
         self.result.options = dict(neg.oack)
         source = BlockSource(
-            handle, neg.blksize, self._policy.read_ahead, self._ctx.limiter, netascii=netascii
+            handle, neg.blksize, self._policy.read_ahead, self._ctx.limiter, netascii=netascii,
+            whole_file=whole,
         )
         # The client's ``timeout`` option is the retransmission interval it expects from us.
         rto = neg.timeout if "timeout" in neg.oack else self._policy.retransmit_timeout
