@@ -35,9 +35,12 @@ from .harness import (
     Netns,
     VfsrootMount,
     build_disk,
+    build_grub_netdir,
     build_initrd,
     dnsmasq_argv,
+    grub_config,
     host_kernel,
+    ipxe_script,
     mac_config_name,
     nbd_config,
     product_missing,
@@ -53,6 +56,8 @@ from .harness import (
 MAC_IPXE = "52:54:00:e2:e0:01"
 MAC_BIG = "52:54:00:e2:e0:02"
 MAC_UBOOT = "52:54:00:e2:e0:03"
+MAC_SCRIPT = "52:54:00:e2:e0:04"
+MAC_GRUB = "52:54:00:e2:e0:05"
 #: Over 100 MB: more than 65535 blocks at any blksize the firmware asks for (≤ 1468).
 BIG_PAYLOAD = 110 * 1000 * 1000
 
@@ -76,32 +81,59 @@ def e2e_host() -> None:
     assert not missing, f"missing tools (scripts/debian-packages.txt installs them): {missing}"
 
 
+#: The iPXE script's name (DHCP boot file of the iPXE recipe).
+IPXE_SCRIPT = "boot.ipxe"
+#: GRUB's network boot image, as grub-mknetdir lays it out (DHCP boot file of the GRUB recipe).
+GRUB_CORE = "boot/grub/i386-pc/core.0"
+
+
 @dataclass(frozen=True)
 class BootFiles:
-    """What every client boots, and the per-MAC configs that say so."""
+    """What every client boots, and the configs that say so.
+
+    Every config passes its own random token on the kernel command line; the `default/` tree
+    holds decoys of the same kinds with other tokens, so a boot that reads a shared config
+    instead of the client's own cannot pass.
+    """
 
     kernel: Path
     small: Initrd
     big: Initrd
-    #: MAC -> (config text, token printed if that config was used)
-    configs: dict[str, tuple[str, str]]
-    decoy: str
+    grub_dir: Path
+    #: MAC -> token its per-MAC PXELINUX / GRUB config passes; IPXE_SCRIPT -> its token
+    tokens: dict[str, str]
 
     def boot_tree(self) -> dict[str, Path | bytes]:
-        """The client's boot files as its TFTP root sees them (kernel, initrds, configs)."""
+        """The client's own boot files as its TFTP root sees them."""
+        t = self.tokens
         tree: dict[str, Path | bytes] = {
             "vmlinuz": self.kernel,
             "initrd-small.img": self.small.path,
             "initrd-big.img": self.big.path,
+            IPXE_SCRIPT: ipxe_script("vmlinuz", "initrd-small.img", t[IPXE_SCRIPT]).encode(),
+            f"boot/grub/grub.cfg-{mac_config_name(MAC_GRUB)}":
+                grub_config("/vmlinuz", "/initrd-small.img", t[MAC_GRUB]).encode(),
         }
-        for mac, (text, _token) in self.configs.items():
-            tree[f"pxelinux.cfg/{mac_config_name(mac)}"] = text.encode()
+        for mac, initrd in ((MAC_IPXE, "initrd-small.img"), (MAC_BIG, "initrd-big.img"),
+                            (MAC_UBOOT, "initrd-small.img")):
+            tree[f"pxelinux.cfg/{mac_config_name(mac)}"] = \
+                pxelinux_config("vmlinuz", initrd, t[mac]).encode()
         return tree
 
     def default_tree(self) -> dict[str, Path | bytes]:
-        """What every client shares (the source root's `default/`)."""
-        return {"pxelinux.0": PXELINUX, "ldlinux.c32": LDLINUX,
-                "pxelinux.cfg/default": self.decoy.encode()}
+        """What every client shares (the source root's `default/`): loaders and decoys."""
+        decoy = "decoy-" + self.tokens["decoy"]
+        tree: dict[str, Path | bytes] = {
+            "pxelinux.0": PXELINUX, "ldlinux.c32": LDLINUX,
+            "pxelinux.cfg/default": pxelinux_config("vmlinuz", "initrd-small.img",
+                                                    decoy).encode(),
+            IPXE_SCRIPT: ipxe_script("vmlinuz", "initrd-small.img", decoy).encode(),
+            "boot/grub/grub.cfg": grub_config("/vmlinuz", "/initrd-small.img", decoy).encode(),
+        }
+        for f in sorted(self.grub_dir.rglob("*")):
+            if f.is_file():
+                tree[str(f.relative_to(self.grub_dir))] = f
+        return tree
 
 
 @pytest.fixture(scope="session")
@@ -111,13 +143,11 @@ def boot_files(e2e_host: None, tmp_path_factory: pytest.TempPathFactory) -> Boot
     shutil.copy2(host_kernel(), kernel)
     small = build_initrd(work / "initrd-small.img", 1_000_000)
     big = build_initrd(work / "initrd-big.img", BIG_PAYLOAD)
-    configs = {}
-    for mac, initrd in ((MAC_IPXE, "initrd-small.img"), (MAC_BIG, "initrd-big.img"),
-                        (MAC_UBOOT, "initrd-small.img")):
-        token = secrets.token_hex(8)
-        configs[mac] = (pxelinux_config("vmlinuz", initrd, token), token)
-    decoy = pxelinux_config("vmlinuz", "initrd-small.img", "decoy-" + secrets.token_hex(4))
-    return BootFiles(kernel, small, big, configs, decoy)
+    grub_dir = work / "grub-net"
+    build_grub_netdir(grub_dir)
+    tokens = {k: secrets.token_hex(8)
+              for k in (MAC_IPXE, MAC_BIG, MAC_UBOOT, MAC_GRUB, IPXE_SCRIPT, "decoy")}
+    return BootFiles(kernel, small, big, grub_dir, tokens)
 
 
 def _materialise(root: Path, files: dict[str, Path | bytes]) -> None:
@@ -178,7 +208,7 @@ def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
                 # Attach the disk (an appliance launch: 25-45 s under TCG) before any firmware
                 # asks, and check the disk's bytes come through the mount.
                 cfg = f"pxelinux.cfg/{mac_config_name(MAC_IPXE)}"
-                wait_file(client_root / cfg, boot_files.configs[MAC_IPXE][0].encode(),
+                wait_file(client_root / cfg, boot_files.boot_tree()[cfg],
                            daemon_log, timeout=240)
                 log = work / "vfsroot-tftpd.log"
                 ns.popen(vfsroot_tftpd_argv(mount), log)
@@ -189,14 +219,14 @@ def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
 
 
 @pytest.fixture
-def dhcp(rig: Rig) -> Iterator[Callable[[str], Path]]:
-    """Start dnsmasq on the rig's bridge giving `mac` CLIENT_IP; returns its log."""
+def dhcp(rig: Rig) -> Iterator[Callable[..., Path]]:
+    """Start dnsmasq on the rig's bridge giving `mac` CLIENT_IP and `boot_file`; returns its log."""
     procs: list[subprocess.Popen] = []
 
-    def start(mac: str) -> Path:
+    def start(mac: str, boot_file: str = "pxelinux.0") -> Path:
         log = rig.work / "dnsmasq.log"
         (rig.work / "dnsmasq.leases").unlink(missing_ok=True)
-        procs.append(rig.ns.popen(dnsmasq_argv(rig.work, {mac: CLIENT_IP}), log))
+        procs.append(rig.ns.popen(dnsmasq_argv(rig.work, {mac: CLIENT_IP}, boot_file), log))
         return log
 
     yield start

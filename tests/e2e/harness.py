@@ -196,6 +196,34 @@ def pxelinux_config(kernel: str, initrd: str, token: str) -> str:
     )
 
 
+def ipxe_script(kernel: str, initrd: str, token: str) -> str:
+    # Relative names resolve against the script's own URI (tftp://<next-server>/boot.ipxe).
+    return (
+        "#!ipxe\n"
+        f"kernel {kernel} console=ttyS0 quiet panic=-1 vfsroot_token={token}\n"
+        f"initrd {initrd}\n"
+        "boot\n"
+    )
+
+
+def grub_config(kernel: str, initrd: str, token: str) -> str:
+    # Paths are on GRUB's root, the TFTP server it was loaded from: (tftp,<next-server>).
+    return (
+        "set timeout=0\n"
+        f"linux {kernel} console=ttyS0 quiet panic=-1 vfsroot_token={token}\n"
+        f"initrd {initrd}\n"
+        "boot\n"
+    )
+
+
+def build_grub_netdir(dest: Path) -> None:
+    """GRUB's BIOS network boot tree (boot/grub/i386-pc/core.0 + modules), from grub-pc-bin."""
+    run(["grub-mknetdir", f"--net-directory={dest}", "--subdir=boot/grub",
+         "-d", "/usr/lib/grub/i386-pc"], timeout=120)
+    if not (dest / "boot/grub/i386-pc/core.0").exists():
+        raise HarnessError(f"grub-mknetdir made no core.0 in {dest}")
+
+
 def crc32_file(path: Path) -> int:
     crc = 0
     with path.open("rb") as f:

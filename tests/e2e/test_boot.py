@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MAC_BIG, MAC_IPXE, MAC_UBOOT, BootFiles, Rig
+from .conftest import (
+    GRUB_CORE,
+    IPXE_SCRIPT,
+    MAC_BIG,
+    MAC_GRUB,
+    MAC_IPXE,
+    MAC_SCRIPT,
+    MAC_UBOOT,
+    BootFiles,
+    Rig,
+)
 from .harness import BootResult, UBoot, boot_ipxe, crc32_file, mac_config_name
 
 pytestmark = pytest.mark.e2e
@@ -27,15 +37,15 @@ def _check_boot(result: BootResult, token: str, sha256: str, rig: Rig) -> None:
 
 
 def test_ipxe_pxelinux_per_mac(rig: Rig, boot_files: BootFiles,
-                               dhcp: Callable[[str], Path]) -> None:
+                               dhcp: Callable[..., Path]) -> None:
     """iPXE ROM → pxelinux.0 + ldlinux.c32 (default/) → 01-<mac> → kernel + initrd."""
     dhcp(MAC_IPXE)
     result = boot_ipxe(rig.ns, MAC_IPXE, rig.work / "ipxe-small.console", timeout=180)
-    _check_boot(result, boot_files.configs[MAC_IPXE][1], boot_files.small.payload_sha256, rig)
+    _check_boot(result, boot_files.tokens[MAC_IPXE], boot_files.small.payload_sha256, rig)
 
 
 def test_ipxe_initrd_over_100mb(rig: Rig, boot_files: BootFiles,
-                                dhcp: Callable[[str], Path]) -> None:
+                                dhcp: Callable[..., Path]) -> None:
     """The same chain with a >100 MB initrd: the transfer wraps the 16-bit block number."""
     if rig.kind != "vfsroot":
         pytest.skip("the control server runs the short boots only (CI time); rollover is ours")
@@ -44,14 +54,15 @@ def test_ipxe_initrd_over_100mb(rig: Rig, boot_files: BootFiles,
     dhcp(MAC_BIG)
     result = boot_ipxe(rig.ns, MAC_BIG, rig.work / "ipxe-big.console", timeout=420,
                        memory_mb=1024)
-    _check_boot(result, boot_files.configs[MAC_BIG][1], boot_files.big.payload_sha256, rig)
+    _check_boot(result, boot_files.tokens[MAC_BIG], boot_files.big.payload_sha256, rig)
 
 
 def test_uboot_pxe_get_and_tftpboot(rig: Rig, boot_files: BootFiles,
-                                    dhcp: Callable[[str], Path]) -> None:
+                                    dhcp: Callable[..., Path]) -> None:
     """U-Boot: `dhcp; pxe get` picks 01-<mac>; `tftpboot` with a window; crc32s match."""
     dhcp(MAC_UBOOT)
-    config = boot_files.configs[MAC_UBOOT][0].encode()
+    config = boot_files.boot_tree()[f"pxelinux.cfg/{mac_config_name(MAC_UBOOT)}"]
+    assert isinstance(config, bytes)
     files = {"vmlinuz": boot_files.kernel, "initrd-small.img": boot_files.small.path}
     with UBoot(rig.ns, MAC_UBOOT, rig.work) as ub:
         ub.command("setenv autoload no")
@@ -71,3 +82,17 @@ def test_uboot_pxe_get_and_tftpboot(rig: Rig, boot_files: BootFiles,
             size = files[name].stat().st_size
             assert f"Bytes transferred = {size} " in out, f"tftpboot {name}:\n{out}\n{rig.logs()}"
             assert ub.crc32(addr) == crc32_file(files[name]), f"crc32 of {name} differs"
+
+
+def test_ipxe_script(rig: Rig, boot_files: BootFiles, dhcp: Callable[..., Path]) -> None:
+    """iPXE runs the client's own boot.ipxe (the disk's, shadowing default/'s) directly."""
+    dhcp(MAC_SCRIPT, IPXE_SCRIPT)
+    result = boot_ipxe(rig.ns, MAC_SCRIPT, rig.work / "ipxe-script.console", timeout=180)
+    _check_boot(result, boot_files.tokens[IPXE_SCRIPT], boot_files.small.payload_sha256, rig)
+
+
+def test_grub_per_mac(rig: Rig, boot_files: BootFiles, dhcp: Callable[..., Path]) -> None:
+    """iPXE ROM → GRUB's core.0 (default/) → modules → grub.cfg-01-<mac> → kernel + initrd."""
+    dhcp(MAC_GRUB, GRUB_CORE)
+    result = boot_ipxe(rig.ns, MAC_GRUB, rig.work / "grub.console", timeout=240)
+    _check_boot(result, boot_files.tokens[MAC_GRUB], boot_files.small.payload_sha256, rig)
