@@ -507,3 +507,33 @@ async def test_read_errors_end_only_that_transfer(
     assert server.stats.errors == 1 and server.stats.completed == 1
     line = next(r for r in caplog.records if "outcome=read-error" in r.getMessage())
     assert line.levelno == logging.WARNING and not line.exc_info
+
+
+async def test_port_range_and_several_listen_addresses(tree: Path) -> None:
+    """--port-range confines transfer sockets (firewalls); running out of ports is a clear
+    ERROR, not a hang; every --listen address serves."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    lo = probe.getsockname()[1]
+    probe.close()
+    listen = (ListenSpec("127.0.0.1", 0, socket.AF_INET), ListenSpec("127.0.0.2", 0,
+                                                                     socket.AF_INET))
+    async with running(tree, listen=listen, port_range=(lo, lo),
+                       policy=SLOW_RETRANSMIT) as (server, _addr):
+        a1, a2 = server.addresses
+        with RawClient(a1, CLIENT_A) as c:
+            c.rrq("secret-a")
+            got = await c.recv()
+            assert got is not None and isinstance(got[0], Data)
+            assert got[1] == ("127.0.0.1", lo)  # the one port of the range
+            with RawClient(a1, CLIENT_B) as other:  # the range is used up on 127.0.0.1 ...
+                other.rrq("secret-b")
+                err = await other.expect(Error)
+                assert "transfer port" in err.message
+            # ... but not on 127.0.0.2: sessions bind the address the request was sent to.
+            res = await fetch(a2, "whoami", bind=CLIENT_B)
+            assert res.server_port == lo
+            c.send_peer(packets.encode_error(0, "done"))
+        await server.wait_idle()
+        res = await fetch(a1, "whoami", bind=CLIENT_B)  # the port is free again
+        assert res.server_port == lo
