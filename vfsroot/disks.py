@@ -29,6 +29,7 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import ConfigError, DiskConfig, load_config
-from .guest import AttachOptions, GuestProcessError, GuestSession, rss_mb
+from .guest import AttachOptions, DiskGone, GuestProcessError, GuestSession, rss_mb
 from .layers.base import Kind, Layer, LayerUnavailable, Node
 from .layers.guest import GuestLayer
 from .names import DISK_CONFIG_SUFFIX, client_of_config, is_client_name
@@ -199,7 +200,7 @@ class Disk:
                     ready = s
                     break
                 if self.config is None:
-                    raise LayerUnavailable(f"disk of {self.client}: {self.message}")
+                    raise DiskGone(errno.ENOENT, f"disk of {self.client}: {self.message}")
                 if self.state == "failed" and not self.attaching and self.next_retry is not None:
                     wait = max(0.0, self.next_retry - trio.current_time())
                     raise LayerUnavailable(f"disk of {self.client} failed: {self.message}; "
@@ -242,6 +243,9 @@ class Disk:
             self.touch()
             self.manager.start_attach(self)
         return None
+
+    def gone(self) -> bool:
+        return self.config is None
 
     def root_node(self) -> Node:
         cfg = self.config

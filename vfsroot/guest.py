@@ -45,6 +45,11 @@ class GuestProcessError(OSError):
     """The worker died, timed out or answered nonsense: the disk must be re-attached."""
 
 
+class DiskGone(OSError):
+    """The client no longer has a usable config (deleted or invalid): a layer object still
+    held by a view answers "nothing here", so the client is served from its other layers."""
+
+
 @dataclass
 class AttachOptions:
     """How to launch one appliance (a subset of `vfsroot.disks.DiskOptions`)."""

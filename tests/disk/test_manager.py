@@ -140,11 +140,17 @@ async def test_life_of_a_disk(tmp_path: pathlib.Path, nbd_server: NbdServer,
         await wait_for(lambda: not qemu_alive(pid), 30, "idle appliance to go away")
         opts.idle_timeout = 3600
 
-        # 7. config deleted: no layer, state none, nothing attached
+        # 7. config deleted: no layer, state none, nothing attached; a layer object a view
+        #    still holds has nothing (the client falls back to its other layers, no EIO)
+        held = m.layer_for(CLIENT)
+        assert held is not None
         (src / f"{CLIENT}.nbd").unlink()
         m.notify_config(CLIENT)
         await wait_for(lambda: state(m) == "none", 5, "state none after delete")
         assert m.layer_for(CLIENT) is None
+        assert await held.lookup(()) is None
+        assert await held.lookup(("only-disk.txt",)) is None
+        assert await held.listdir(()) == {}
         nursery.cancel_scope.cancel()
     server_b.stop()
     assert not m._sessions

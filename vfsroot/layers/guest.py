@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 from typing import Protocol
 
-from ..guest import GuestProcessError, GuestReader, GuestSession
+from ..guest import DiskGone, GuestProcessError, GuestReader, GuestSession
 from .base import Kind, LayerUnavailable, Node, Path
 
 
@@ -40,6 +40,10 @@ class SessionSource(Protocol):
         """What the layer root looks like before the disk is attached."""
         ...
 
+    def gone(self) -> bool:
+        """The config was deleted or is invalid: the layer has nothing."""
+        ...
+
 
 class StaticSource:
     """A source that always hands out one already attached session (tests, benchmarks)."""
@@ -58,6 +62,9 @@ class StaticSource:
     def peek(self) -> GuestSession | None:
         return self._session if self._session.alive else None
 
+    def gone(self) -> bool:
+        return False
+
     def root_node(self) -> Node:
         return Node(kind=Kind.DIR, size=0, mtime_ns=0, layer="disk",
                     source=f"{self._session.config.url}#{self._session.config.tftp_root}")
@@ -73,13 +80,16 @@ class GuestLayer:
         self.client = client
 
     async def lookup(self, path: Path) -> Node | None:
-        if not path and self.source.peek() is None:
+        if not path and self.source.peek() is None and not self.source.gone():
             # The root of a disk that is not attached yet is a directory (attach checks
             # tftp_root is one).  Answering at once lets the view merge the client's root
             # and serve the client's own files while the appliance boots; every path
             # *below* still waits for the disk or fails, so nothing is wrongly shadowed.
             return self.source.root_node()
-        session = await self.source.session(lookup=True)
+        try:
+            session = await self.source.session(lookup=True)
+        except DiskGone:
+            return None
         try:
             return await session.lookup(path)
         except GuestProcessError as e:
@@ -87,7 +97,10 @@ class GuestLayer:
             raise LayerUnavailable(f"disk of {self.client or 'client'}: {e.strerror}") from e
 
     async def listdir(self, path: Path) -> dict[str, Node]:
-        session = await self.source.session(lookup=False)
+        try:
+            session = await self.source.session(lookup=False)
+        except DiskGone:
+            return {}
         try:
             return await session.listdir(path)
         except GuestProcessError as e:
@@ -95,7 +108,10 @@ class GuestLayer:
             raise LayerUnavailable(f"disk of {self.client or 'client'}: {e.strerror}") from e
 
     async def open(self, path: Path) -> GuestReader:
-        session = await self.source.session(lookup=False)
+        try:
+            session = await self.source.session(lookup=False)
+        except DiskGone as e:
+            raise FileNotFoundError(errno.ENOENT, e.strerror) from None
         try:
             return await session.open(path)
         except GuestProcessError as e:
