@@ -1,0 +1,82 @@
+"""Random datagrams at the listen port and at a live transfer port: the server keeps serving."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import trio
+
+from tests.tftpd.helpers import RawClient, running
+from tftpd import packets
+
+from .tftp import A, B, fetch
+
+
+def _junk(rng: random.Random) -> bytes:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 600)))
+    if kind == 1:  # plausible RRQ/WRQ with hostile fields
+        name = rng.choice([b"../x", b"\xff" * 300, b"a" * 2000, b"%2e%2e/x", b"",
+                           b"whoami", b"..\\" + B.encode() + b"\\whoami"])
+        mode = rng.choice([b"octet", b"NETASCII", b"\xff", b"", b"x" * 700])
+        opts = b"".join(rng.choice([b"blksize\0", b"65465\0", b"tsize\0", b"-1\0",
+                                    b"windowsize\0", b"0\0", b"\0", b"timeout\0"])
+                        for _ in range(rng.randrange(0, 8)))
+        return bytes([0, rng.choice([1, 2])]) + name + b"\0" + mode + b"\0" + opts
+    if kind == 2:  # stray ACK/DATA/ERROR/OACK
+        return bytes([0, rng.choice([3, 4, 5, 6])]) + bytes(
+            rng.getrandbits(8) for _ in range(rng.randrange(0, 20)))
+    return bytes([rng.getrandbits(8), rng.getrandbits(8)])
+
+
+async def test_random_datagrams_do_not_stop_the_server(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for ip in (A, B):
+        (root / ip).mkdir(parents=True)
+        (root / ip / "whoami").write_bytes(ip.encode() + b"\n")
+    (root / A / "big").write_bytes(bytes(range(256)) * 400)
+    rng = random.Random(7)
+    async with running(root) as (server, addr):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, \
+                RawClient(addr, bind=A) as victim:
+            s.bind((B, 0))
+            s.setblocking(False)
+            # a transfer in progress whose port receives junk from another address
+            victim.rrq("big")
+            first = await victim.expect(packets.Data)
+            assert first.block == 1 and victim.peer is not None
+            with trio.fail_after(8):
+                for i in range(3000):
+                    to = victim.peer if i % 3 == 0 else addr
+                    try:
+                        s.sendto(_junk(rng), to)
+                    except BlockingIOError:
+                        await trio.sleep(0.001)
+                    if i % 100 == 0:
+                        await trio.sleep(0)  # let the server run
+                        while True:  # drain the ERROR replies
+                            try:
+                                s.recv(70000)
+                            except BlockingIOError:
+                                break
+            # the victim's transfer was not steered by B's junk: it completes intact
+            data = first.payload
+            victim.ack(1)
+            expected = 2
+            while len(data) < 256 * 400:
+                got = await victim.recv(3.0)
+                assert got is not None, f"transfer stalled at {len(data)} bytes"
+                pkt = got[0]
+                assert isinstance(pkt, packets.Data), pkt
+                if pkt.block == expected:
+                    data += pkt.payload
+                    victim.ack(pkt.block)
+                    expected += 1
+            assert data == bytes(range(256)) * 400
+            assert server.stats.malformed > 0
+        # and everybody is still served
+        assert await fetch(addr, "whoami", bind=A) == A.encode() + b"\n"
+        assert await fetch(addr, "whoami", bind=B) == B.encode() + b"\n"
