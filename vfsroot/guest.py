@@ -365,8 +365,12 @@ class GuestSession:
         return out
 
     async def open(self, path: Path) -> GuestReader:
-        await self._wait_refresh()
-        node = await self.lookup(path)
+        while True:
+            await self._wait_refresh()
+            gen = self.generation
+            node = await self.lookup(path)
+            if gen == self.generation and not self._refresh_lock.locked():
+                break  # the node and the reader belong to the same snapshot
         if node is None:
             raise FileNotFoundError(errno.ENOENT, "/".join(path))
         if node.is_dir:
