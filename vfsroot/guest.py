@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 READ_AHEAD = 4 * 1024 * 1024
 #: The first (or a random) read fetches at least this much.
 MIN_FETCH = 256 * 1024
+#: Nodes remembered per snapshot before the cache starts over.
+MAX_CACHED_NODES = 50_000
 
 
 class GuestProcessError(OSError):
@@ -349,6 +351,8 @@ class GuestSession:
         raw = await self._call("lookup", list(self.root + path))
         node = None if raw is None else self._to_node(raw)
         if gen == self.generation:
+            if len(self._nodes) >= MAX_CACHED_NODES:
+                self._nodes.clear()  # a crude bound; boot trees are far smaller
             self._nodes[path] = node
         return node
 

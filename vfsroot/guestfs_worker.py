@@ -38,6 +38,8 @@ PREAD_CHUNK = 2 * 1024 * 1024
 #: enough to stay far below the protocol's message limit.
 LIST_BATCH = 1000
 MAX_SYMLINKS = 40
+#: lstat results remembered per snapshot before the cache starts over.
+MAX_CACHED = 100_000
 
 #: Mount options per filesystem type.  Read-only always; ext3/4 and xfs must not replay their
 #: journal (a live client's disk usually has a dirty one); the overlay absorbs anything else.
@@ -218,6 +220,9 @@ class Worker:
     def _lstat_path(self, path: str) -> dict | None:
         if path in self._lstat:
             return self._lstat[path]
+        if len(self._lstat) >= MAX_CACHED:
+            self._lstat.clear()
+            self._link.clear()
         try:
             st = self.g.lstatns(path)
         except RuntimeError as e:
