@@ -14,14 +14,8 @@ from .mount import ServeDaemon, have_fuse
 
 NESTED = b"[" * 3000  # 3 KB, far below MAX_CONFIG_BYTES
 
-REASON = (
-    "vfsroot/config.py parse_config: json.loads of a deeply nested document raises "
-    "RecursionError, which is not caught (only JSONDecodeError); DiskManager.reload "
-    "(vfsroot/disks.py ~line 377) only catches ConfigError, so the exception escapes _scan/"
-    "_notify_loop and kills `vfsroot serve` (at start-up, or at runtime when the file appears)")
 
 
-@pytest.mark.xfail(strict=True, reason=REASON)
 def test_nested_config_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "10.0.0.9.nbd"
     path.write_bytes(NESTED)
@@ -29,7 +23,6 @@ def test_nested_config_is_a_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.xfail(strict=True, reason=REASON)
 def test_reload_of_a_nested_config_marks_the_disk_failed(tmp_path: Path) -> None:
     (tmp_path / "10.0.0.9.nbd").write_bytes(NESTED)
     m = DiskManager(tmp_path, DiskOptions())
@@ -39,7 +32,6 @@ def test_reload_of_a_nested_config_marks_the_disk_failed(tmp_path: Path) -> None
 
 @pytest.mark.mount
 @pytest.mark.skipif(not have_fuse(), reason="no /dev/fuse or fusermount3")
-@pytest.mark.xfail(strict=True, reason=REASON)
 def test_running_daemon_survives_a_nested_config(tmp_path: Path) -> None:
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     (src / "default").mkdir(parents=True)

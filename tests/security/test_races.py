@@ -62,11 +62,6 @@ def test_tftpd_checks_the_opened_descriptor_not_the_path(tmp_path: Path,
     assert served != OUTSIDE, "the file outside the client's directory was opened and passed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vfsroot/layers/local.py LocalLayer.open: lookup() checks realpath() is inside SRC, then "
-    "os.open(node.source, O_NOFOLLOW) re-walks the path; O_NOFOLLOW guards only the last "
-    "component, so a parent directory swapped for a symlink in between opens a file outside "
-    "SRC"))
 async def test_local_layer_open_stays_inside_the_source_root(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"

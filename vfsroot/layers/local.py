@@ -41,11 +41,14 @@ class LocalLayer:
     def _host_path(self, path: Path) -> str:
         return os.path.join(self.root, *path)
 
+    def _inside(self, real: str) -> bool:
+        return real == self.confine or real.startswith(self.confine + os.sep)
+
     def _resolve(self, path: Path) -> str | None:
         """The real path behind `path`, or None if it escapes the source root."""
         host = self._host_path(path)
         real = os.path.realpath(host)
-        if real != self.confine and not real.startswith(self.confine + os.sep):
+        if not self._inside(real):
             log.warning(
                 "symlink escapes the source root, ignored layer=%s path=%s target=%s",
                 self.name, host, real,
@@ -118,6 +121,17 @@ class LocalLayer:
         if node is None or node.kind is not Kind.FILE:
             raise FileNotFoundError(errno.ENOENT, "no such file", self._host_path(path))
         fd = os.open(node.source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            # The lookup checked a path; between it and the open, a directory on the way
+            # could have been swapped for a symlink that leads out.  Check what was opened.
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+            if not self._inside(opened) or not stat.S_ISREG(os.fstat(fd).st_mode):
+                log.warning("file changed into one outside the source root while opening, "
+                            "refused layer=%s path=%s opened=%s", self.name, node.source, opened)
+                raise FileNotFoundError(errno.ENOENT, "no such file", self._host_path(path))
+        except BaseException:
+            os.close(fd)
+            raise
         return LocalReader(node, fd)
 
 
