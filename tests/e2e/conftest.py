@@ -191,7 +191,7 @@ def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
             _materialise(root, {**boot_files.default_tree(), **boot_files.boot_tree()})
             log = work / "tftpd-hpa.log"
             ns.popen(tftpd_hpa_argv(root), log)
-            wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=30)
+            wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=90)
             yield Rig(kind, ns, work, log, root)
             return
 
@@ -212,7 +212,7 @@ def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
                            daemon_log, timeout=240)
                 log = work / "vfsroot-tftpd.log"
                 ns.popen(vfsroot_tftpd_argv(mount), log)
-                wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=30)
+                wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=90)
                 yield Rig(kind, ns, work, log, client_root, (daemon_log, work / "nbdkit.log"))
         finally:
             nbd.stop()

@@ -242,31 +242,62 @@ def sha256_file(path: Path) -> str:
 
 # --- client disks -------------------------------------------------------------------------------
 
-def build_disk(dest: Path, files: dict[str, Path | bytes], size: int | None = None) -> None:
-    """An MBR disk with one ext4 partition (from 1 MiB) holding `files` (guest path -> content).
-
-    mkfs.ext4 writes the filesystem straight into the partition (`-E offset=`) from a staging
-    directory (`-d`), so no loop device or mount is involved.
-    """
-    stage = dest.parent / (dest.name + ".root")
+def _stage(stage: Path, files: dict[str, Path | bytes]) -> int:
     shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
     total = 0
     for guest, content in files.items():
         p = stage / guest.lstrip("/")
         p.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
             p.write_bytes(content)
+        elif _same_fs(content, p.parent):
+            os.link(content, p)
         else:
-            os.link(content, p) if _same_fs(content, p.parent) else shutil.copy2(content, p)
+            shutil.copy2(content, p)
         total += p.stat().st_size
+    return total
+
+
+def build_disk(dest: Path, files: dict[str, Path | bytes], size: int | None = None,
+               fat: dict[str, Path | bytes] | None = None) -> None:
+    """An MBR disk made without loop devices or mounts; `files` maps guest path -> content.
+
+    Without `fat`: one ext4 partition (from 1 MiB) holding `files`.  With `fat` (a Raspberry
+    Pi's layout): p1 is a 64 MiB FAT32 boot partition holding `fat`, p2 the ext4 with `files`.
+    mkfs.ext4 writes straight into its partition (`-E offset=`) from a staging directory
+    (`-d`); the FAT is built apart with mkfs.vfat + mcopy and copied in.
+    """
+    stage = dest.parent / (dest.name + ".root")
+    total = _stage(stage, files)
+    fat_size = 64 * MiB if fat is not None else 0
+    ext_start = MiB + fat_size
     if size is None:
-        size = ((total * 5 // 4 + 32 * MiB) // MiB + 1) * MiB
+        size = ext_start + ((total * 5 // 4 + 32 * MiB) // MiB + 1) * MiB
     with dest.open("wb") as f:
         f.truncate(size)
-    run(["sfdisk", "-q", dest], input=b"label: dos\nstart=2048, type=83\n")
-    run(["mkfs.ext4", "-q", "-F", "-L", "boot", "-E", f"offset={MiB}", "-d", stage, dest,
-         f"{(size - MiB) // 1024}k"], timeout=300)
+    if fat is None:
+        table = "label: dos\nstart=2048, type=83\n"
+    else:
+        table = (f"label: dos\nstart=2048, size={fat_size // 512}, type=c, bootable\n"
+                 f"start={ext_start // 512}, type=83\n")
+    run(["sfdisk", "-q", dest], input=table.encode())
+    run(["mkfs.ext4", "-q", "-F", "-L", "root", "-E", f"offset={ext_start}", "-d", stage, dest,
+         f"{(size - ext_start) // 1024}k"], timeout=300)
     shutil.rmtree(stage)
+    if fat is not None:
+        part = dest.parent / (dest.name + ".fat")
+        fat_stage = dest.parent / (dest.name + ".fatroot")
+        _stage(fat_stage, fat)
+        with part.open("wb") as f:
+            f.truncate(fat_size)
+        run(["mkfs.vfat", "-F", "32", "-n", "BOOTFS", part])
+        run(["mcopy", "-s", "-i", part, *sorted(fat_stage.iterdir()), "::/"])
+        with dest.open("r+b") as out, part.open("rb") as src:
+            out.seek(MiB)
+            shutil.copyfileobj(src, out, 4 * MiB)
+        part.unlink()
+        shutil.rmtree(fat_stage)
 
 
 def _same_fs(a: Path, b: Path) -> bool:
@@ -317,10 +348,13 @@ class NbdServer:
         self.proc = None
 
 
-def nbd_config(url: str) -> str:
-    """The client's `SRC/<ip>.nbd`: the disk's first partition is /, TFTP serves its /boot."""
-    return json.dumps({"url": url, "mounts": [{"partition": 1, "mountpoint": "/"}],
-                       "tftp_root": "/boot"}, indent=2) + "\n"
+def nbd_config(url: str, mounts: list[tuple[int, str]] | None = None,
+               tftp_root: str = "/boot") -> str:
+    """The client's `SRC/<ip>.nbd`; by default partition 1 is / and TFTP serves its /boot."""
+    mounts = mounts or [(1, "/")]
+    return json.dumps({"url": url,
+                       "mounts": [{"partition": n, "mountpoint": m} for n, m in mounts],
+                       "tftp_root": tftp_root}, indent=2) + "\n"
 
 
 # --- processes and the namespace ----------------------------------------------------------------
@@ -433,7 +467,7 @@ def wait_tftp(ns: Netns, path: str, expect: bytes, log: Path, timeout: float = 2
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        cp = subprocess.run(ns.argv(["curl", "-sS", "--max-time", "30", "-o", "-",
+        cp = subprocess.run(ns.argv(["curl", "-sS", "--max-time", "10", "-o", "-",
                                      f"tftp://{SERVER_IP}/{path}"]),
                             capture_output=True, timeout=60)
         if cp.returncode == 0 and cp.stdout == expect:

@@ -2,8 +2,9 @@
 
 One mounted vfsroot, two clients on loopback:
 
-- 127.0.0.10: its own directory (`hostname.txt`) and an NBD disk whose /boot holds
-  `kernel-10.bin` (the disk's bytes, through libguestfs).
+- 127.0.0.10, a Raspberry Pi: its own directory (`hostname.txt`) and an NBD disk laid out as
+  Raspberry Pi OS does (p1 FAT32 mounted at /boot/firmware, p2 ext4 /), whose FAT partition
+  is its TFTP root (`start4.elf`, `config.txt`, `kernel8.img`, through libguestfs).
 - 127.0.0.11: its own directory (`hostname.txt`, `secret-11.txt`).
 - both: `default/shared.txt`.
 
@@ -39,6 +40,7 @@ from .harness import (
     Netns,
     VfsrootMount,
     build_disk,
+    entry_point,
     nbd_config,
     product_missing,
     stop_process,
@@ -87,7 +89,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
     mount_parent = Path(tempfile.mkdtemp(prefix="vfsroot-e2e-", dir="/run"))
     mount_parent.chmod(0o755)
     mount = mount_parent / "vfsroot"
-    kernel = os.urandom(3 * MiB + 17)
+    firmware = {"start4.elf": os.urandom(2 * MiB + 5), "config.txt": b"arm_64bit=1\n",
+                "cmdline.txt": b"console=serial0,115200 root=/dev/nbd0p2\n",
+                "kernel8.img": os.urandom(3 * MiB + 17)}
     files = {
         "default/shared.txt": b"for everybody\n",
         f"{TEN}/hostname.txt": b"ten\n",
@@ -97,17 +101,19 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
     for rel, data in files.items():
         (source / rel).parent.mkdir(parents=True, exist_ok=True)
         (source / rel).write_bytes(data)
-    disk = work / "ten.img"
-    build_disk(disk, {"/boot/kernel-10.bin": kernel, "/boot/pxelinux.cfg/default": b"x\n"})
+    disk = work / "pi-ten.img"
+    build_disk(disk, {"/etc/hostname": b"pi-ten\n", "/boot/firmware/.keep": b""},
+               fat=dict(firmware))
     nbd = NbdServer(disk, work / "nbdkit.log").start()
     try:
-        (source / f"{TEN}.nbd").write_text(nbd_config(nbd.url))
+        (source / f"{TEN}.nbd").write_text(
+            nbd_config(nbd.url, [(2, "/"), (1, "/boot/firmware")], "/boot/firmware"))
         log = work / "vfsroot.log"
         with VfsrootMount(source, mount, log):
-            wait_file(mount / TEN / "kernel-10.bin", kernel, log, timeout=240)
+            wait_file(mount / TEN / "kernel8.img", firmware["kernel8.img"], log, timeout=240)
             own = {
-                TEN: {"hostname.txt": b"ten\n", "kernel-10.bin": kernel,
-                      "shared.txt": b"for everybody\n"},
+                TEN: {"hostname.txt": b"ten\n", "shared.txt": b"for everybody\n",
+                      **firmware},
                 ELEVEN: {"hostname.txt": b"eleven\n", "secret-11.txt": b"only for eleven\n",
                          "shared.txt": b"for everybody\n"},
             }
@@ -119,10 +125,13 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
             mount_parent.rmdir()
 
 
-def fetch(client: str, url: str, ns: Netns | None = None) -> subprocess.CompletedProcess:
+def fetch(client: str, url: str, ns: Netns | None = None,
+          blksize: int | None = None) -> subprocess.CompletedProcess:
     """curl's TFTP client as `client` (`--path-as-is`: send `..` as typed)."""
     argv = ["curl", "-sS", "--max-time", "30", "--path-as-is", "--interface", client,
             "-o", "-", url]
+    if blksize:
+        argv[1:1] = ["--tftp-blksize", str(blksize)]
     return subprocess.run(ns.argv(argv) if ns else argv, capture_output=True, timeout=60)
 
 
@@ -178,6 +187,42 @@ def test_tftpd_hpa_map_file(tree: Tree, naive: bool) -> None:
             assert cp.stdout == b"only for eleven\n", cp.stderr.decode()
         else:
             assert cp.returncode != 0 and not cp.stdout, "tftpd-hpa served another client's file"
+    finally:
+        stop_process(proc, grace=5)
+
+
+#: A Raspberry Pi 4's serial number: its bootloader first asks for `<serial>/start4.elf`.
+PI_SERIAL = "9ffefdef"
+
+
+def test_raspberry_pi_request_sequence(tree: Tree, tmp_path: Path) -> None:
+    """vfsroot-tftpd over the mount, asked what a Pi 4 bootloader asks (blksize 1024).
+
+    The serial-prefixed name is "not found" (the Pi then drops the prefix), and everything
+    after comes from the FAT boot partition of the Pi's own NBD disk.
+    """
+    port = _free_udp_port()
+    log = tmp_path / "vfsroot-tftpd.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [*entry_point("vfsroot-tftpd"), "--root", str(tree.mount),
+             "--listen", f"127.0.0.1:{port}"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"tftp://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while b"listening" not in log.read_bytes():  # a probe before the bind would hang curl
+            assert time.monotonic() < deadline and proc.poll() is None, tail(log)
+            time.sleep(0.1)
+        cp = fetch(TEN, f"{base}/{PI_SERIAL}/start4.elf", blksize=1024)
+        assert cp.returncode != 0 and not cp.stdout
+        for name in ("start4.elf", "config.txt", "cmdline.txt", "kernel8.img"):
+            cp = fetch(TEN, f"{base}/{name}", blksize=1024)
+            assert cp.returncode == 0, f"{name}: {cp.stderr.decode()}\n{tail(log)}"
+            assert cp.stdout == tree.own[TEN][name], f"{name}: other bytes"
+        # Another client (no disk) has no firmware: the Pi's files are its own.
+        cp = fetch(ELEVEN, f"{base}/start4.elf", blksize=1024)
+        assert cp.returncode != 0 and not cp.stdout
     finally:
         stop_process(proc, grace=5)
 
