@@ -380,6 +380,9 @@ class DiskManager:
             config, error = None, None
         except ConfigError as e:
             config, error = None, str(e)
+        except Exception as e:  # a parser bug must cost this client its disk, not the daemon
+            log.exception("disk config unreadable client=%s", client)
+            config, error = None, f"{path}: unreadable ({type(e).__name__}: {e})"
         if config is None:
             disk.config = None
             disk.config_version += 1

@@ -253,6 +253,8 @@ class Worker:
         links = 0
         while todo:
             c = todo.pop()
+            if st is None or not stat.S_ISDIR(st["st_mode"]):
+                return None  # "file/x", "file/.", "file/..": ENOTDIR, as the kernel says
             if c in ("", "."):
                 continue
             if c == "..":
@@ -261,8 +263,6 @@ class Worker:
                 cur.pop()
                 st = self._lstat_path("/" + "/".join(cur))
                 continue
-            if st is None or not stat.S_ISDIR(st["st_mode"]):
-                return None
             path = "/" + "/".join([*cur, c])
             st = self._lstat_path(path)
             if st is None:

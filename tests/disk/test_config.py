@@ -182,3 +182,8 @@ def test_arbitrary_json_never_crashes(doc: object) -> None:
         parse_config(json.dumps(doc), "x.nbd")
     except ConfigError as e:
         assert str(e).startswith("x.nbd: ")
+
+
+def test_deeply_nested_json_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_config(b"[" * 3000, "x.nbd")

@@ -131,9 +131,5 @@ def test_wide_link_fanout_does_not_explode() -> None:
     assert len(w.g.calls) < 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vfsroot/guestfs_worker.py Worker.resolve: '..' after a regular file is popped lexically "
-    "(no S_ISDIR check), so a guest link 'vmlinuz-6.1/../vmlinuz-6.1' resolves where the "
-    "kernel answers ENOTDIR; stays inside the guest, so a correctness nit, not a leak"))
 def test_dotdot_after_a_file_is_enotdir_like_the_kernel() -> None:
     assert worker(TREE).resolve(["boot", "through-file"]) is None
