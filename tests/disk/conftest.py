@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from .images import Image, NbdServer, build_image
+from .images import LVM_LV, LVM_VG, Image, NbdServer, build_image
 
 os.environ["LIBGUESTFS_BACKEND"] = "direct"
 # Nested KVM hangs forever on these machines; TCG is slow but works.  Overridable.
@@ -84,7 +84,7 @@ def portal() -> Iterator[Portal]:
 def disk_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     """The shared image.  After every test, its bytes must be exactly what the tests wrote
     on purpose (nothing written by vfsroot, whatever the NBD server would have allowed)."""
-    image = build_image(tmp_path_factory.mktemp("disk") / "client.img")
+    image = build_image(tmp_path_factory.mktemp("disk") / "client.img", lvm=True)
     image.expected_sha256 = image.sha256()  # type: ignore[attr-defined]
     yield image
     assert image.sha256() == image.expected_sha256, "vfsroot wrote to the client's disk"  # type: ignore[attr-defined]
@@ -97,14 +97,13 @@ def nbd_server(disk_image: Image) -> Iterator[NbdServer]:
     server.stop()
 
 
-def config_text(url: str, tftp_root: str = "/boot") -> str:
-    """The test disk's config: p2 (ext4) at /, p1 (FAT) at /boot/efi."""
-    return json.dumps({
-        "url": url,
-        "mounts": [{"partition": 2, "mountpoint": "/"},
-                   {"partition": 1, "mountpoint": "/boot/efi"}],
-        "tftp_root": tftp_root,
-    })
+def config_text(url: str, tftp_root: str = "/boot", lvm: bool = False) -> str:
+    """The test disk's config: p2 (ext4) at /, p1 (FAT) at /boot/efi, and with `lvm` the
+    logical volume on p3 at /boot/lvm."""
+    mounts = [{"partition": 2, "mountpoint": "/"}, {"partition": 1, "mountpoint": "/boot/efi"}]
+    if lvm:
+        mounts.append({"lv": f"{LVM_VG}/{LVM_LV}", "mountpoint": "/boot/lvm"})
+    return json.dumps({"url": url, "mounts": mounts, "tftp_root": tftp_root})
 
 
 def write_config(src: pathlib.Path, client: str, url: str,

@@ -5,6 +5,7 @@ so the tests need no loop devices and no mounts.  The layout imitates a netboote
 
     MBR  p1  FAT16  8 MiB   mounted at /boot/efi   (EFI/BOOT/BOOTX64.EFI, config.txt, vmlinuz-efi)
          p2  ext4  55 MiB   mounted at /           (/etc, /boot with kernels and symlinks)
+         p3  LVM   12 MiB   PV of vfsroottestvg; LV bootlv (ext4) mounted at /boot/lvm
 
 The ext4 journal holds a committed but unreplayed transaction (a "dirty journal", as on a live
 client), written with debugfs' journal_write so no kernel ever mounts it writable.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import time
@@ -24,7 +26,12 @@ MiB = 1024 * 1024
 P1_START = 1 * MiB
 P1_SIZE = 8 * MiB
 P2_START = P1_START + P1_SIZE
-IMAGE_SIZE = 64 * MiB
+P3_START = 64 * MiB
+P3_SIZE = 12 * MiB
+IMAGE_SIZE = P3_START + P3_SIZE
+#: The LVM volume group on p3 (one LV, "bootlv", 8 MiB, ext4), when loop devices allow it.
+LVM_VG = "vfsroottestvg"
+LVM_LV = "bootlv"
 
 #: The non-UTF-8 name inside /boot; the layer must skip it (with a warning), not fail.
 BAD_NAME = b"bad-\xff-name"
@@ -45,6 +52,8 @@ class Image:
     path: pathlib.Path
     #: guest path -> expected bytes, for what the tests read back
     files: dict[str, bytes]
+    #: p3 holds the LVM volume group (False where loop devices or lvm2 are missing)
+    lvm: bool = False
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -69,7 +78,7 @@ def run(*argv: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, check=True, capture_output=True, **kw)
 
 
-def build_image(dest: pathlib.Path, variant: str = "a") -> Image:
+def build_image(dest: pathlib.Path, variant: str = "a", lvm: bool = False) -> Image:
     """Write the image described in the module docstring to `dest` (a file) and return it.
     `variant` changes /boot/only-disk.txt, to tell two disks apart."""
     work = dest.parent / (dest.name + ".d")
@@ -81,6 +90,7 @@ def build_image(dest: pathlib.Path, variant: str = "a") -> Image:
     (root / "etc").mkdir(parents=True, exist_ok=True)
     (root / "boot" / "efi").mkdir(parents=True, exist_ok=True)
     (root / "boot" / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
+    (root / "boot" / "lvm").mkdir(parents=True, exist_ok=True)
 
     def put(guest: str, data: bytes) -> None:
         (root / guest.lstrip("/")).write_bytes(data)
@@ -113,7 +123,7 @@ def build_image(dest: pathlib.Path, variant: str = "a") -> Image:
         f.write(b"never served\n")
 
     p2 = work / "p2.img"
-    p2_size = IMAGE_SIZE - P2_START
+    p2_size = P3_START - P2_START
     with p2.open("wb") as f:
         f.truncate(p2_size)
     run("mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(root), str(p2))
@@ -143,16 +153,24 @@ def build_image(dest: pathlib.Path, variant: str = "a") -> Image:
     table = (
         "label: dos\n"
         f"start={P1_START // 512}, size={P1_SIZE // 512}, type=c\n"
-        f"start={P2_START // 512}, type=83\n"
+        f"start={P2_START // 512}, size={(P3_START - P2_START) // 512}, type=83\n"
+        f"start={P3_START // 512}, size={P3_SIZE // 512}, type=8e\n"
     )
     run("sfdisk", "-q", str(dest), input=table.encode())
     with dest.open("r+b") as out:
-        for part, offset in ((p1, P1_START), (p2, P2_START)):
+        parts = [(p1, P1_START), (p2, P2_START)]
+        if lvm:
+            p3 = work / "p3.img"
+            if make_lvm_pv(p3, work, files):
+                parts.append((p3, P3_START))
+            else:
+                lvm = False
+        for part, offset in parts:
             out.seek(offset)
             with part.open("rb") as src:
                 while chunk := src.read(4 * MiB):
                     out.write(chunk)
-    return Image(dest, files)
+    return Image(dest, files, lvm=lvm)
 
 
 def make_dirty_journal(p2: pathlib.Path, work: pathlib.Path) -> None:
@@ -173,6 +191,67 @@ def make_dirty_journal(p2: pathlib.Path, work: pathlib.Path) -> None:
     run("debugfs", "-w", "-f", str(cmds), str(p2))
     features = run("dumpe2fs", "-h", str(p2)).stdout.decode()
     assert "needs_recovery" in features, "debugfs did not leave a dirty journal"
+
+
+def make_lvm_pv(dest: pathlib.Path, work: pathlib.Path, files: dict[str, bytes]) -> bool:
+    """Write p3: an LVM PV with VG `LVM_VG` and LV `LVM_LV` holding an ext4 filesystem.
+
+    No device-mapper and no mount: pvcreate/vgcreate work on a loop device (never activated,
+    restricted by a device filter to that one loop device), the LV is added to the metadata
+    with vgcfgrestore (lvcreate insists on device-mapper), and the filesystem is written at
+    the LV's place in the file (its only segment starts at pe_start).  Returns False when
+    this machine cannot do it (no loop devices, no lvm2): the LV tests then skip.
+    """
+    if os.geteuid() != 0 or not shutil.which("pvcreate") or not shutil.which("losetup"):
+        return False
+    lvroot = work / "lvroot"
+    lvroot.mkdir(exist_ok=True)
+    data = b"kernel on a logical volume\n"
+    (lvroot / "lv-kernel").write_bytes(data)
+    files["/boot/lvm/lv-kernel"] = data
+    with dest.open("wb") as f:
+        f.truncate(P3_SIZE)
+    try:
+        loop = run("losetup", "-f", "--show", str(dest)).stdout.decode().strip()
+    except (subprocess.CalledProcessError, OSError):
+        return False
+    cfg = (f'devices {{ filter=["a|^{loop}$|","r|.*|"] obtain_device_list_from_udev=0 }} '
+           "activation { udev_sync=0 udev_rules=0 }")
+    env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
+    meta = work / "vg.meta"
+    try:
+        run("pvcreate", "-q", "--config", cfg, loop, env=env)
+        run("vgcreate", "-q", "--config", cfg, "-s", "1m", LVM_VG, loop, env=env)
+        run("vgcfgbackup", "-q", "--config", cfg, "-f", str(meta), LVM_VG, env=env)
+        text = meta.read_text()
+        pe_count = int(text.split("pe_count = ")[1].split()[0])
+        pe_start = int(text.split("pe_start = ")[1].split()[0]) * 512
+        lv = (f"\tlogical_volumes {{\n\t\t{LVM_LV} {{\n"
+              '\t\t\tid = "vfsrot-test-lvol-0000-0000-0000-bootlv"\n'
+              '\t\t\tstatus = ["READ", "WRITE", "VISIBLE"]\n\t\t\tflags = []\n'
+              "\t\t\tsegment_count = 1\n\t\t\tsegment1 {\n\t\t\t\tstart_extent = 0\n"
+              f"\t\t\t\textent_count = {pe_count}\n"
+              '\t\t\t\ttype = "striped"\n\t\t\t\tstripe_count = 1\n'
+              '\t\t\t\tstripes = ["pv0", 0]\n\t\t\t}\n\t\t}\n\t}\n')
+        end = text.rindex("}")
+        text = text[:end] + lv + text[end:]
+        text = text.replace("seqno = 1", "seqno = 2", 1)
+        meta.write_text(text)
+        run("vgcfgrestore", "-q", "--config", cfg, "-f", str(meta), LVM_VG, env=env)
+        subprocess.run(["vgchange", "-q", "-an", "--config", cfg, LVM_VG], env=env,
+                       capture_output=True, check=False)  # in case udev auto-activated it
+    except (subprocess.CalledProcessError, OSError, IndexError, ValueError):
+        return False
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+    fs = work / "lv.img"
+    with fs.open("wb") as f:
+        f.truncate(pe_count * MiB)
+    run("mkfs.ext4", "-q", "-F", "-d", str(lvroot), str(fs))
+    with dest.open("r+b") as out, fs.open("rb") as src:
+        out.seek(pe_start)
+        out.write(src.read())
+    return True
 
 
 def free_port() -> int:

@@ -25,8 +25,9 @@ def sha(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def session(portal: Portal, nbd_server: NbdServer) -> Iterator[GuestSession]:
-    config = parse_config(config_text(nbd_server.url))
+def session(portal: Portal, nbd_server: NbdServer, disk_image: Image
+            ) -> Iterator[GuestSession]:
+    config = parse_config(config_text(nbd_server.url, lvm=disk_image.lvm))
     s = GuestSession("127.0.0.5", config, AttachOptions(attach_timeout=180, memsize_mb=512))
     portal.run(s.attach)
     yield s
@@ -99,12 +100,13 @@ def test_listdir(portal: Portal, layer: GuestLayer, caplog: pytest.LogCaptureFix
     entries = portal.run(layer.listdir, ())
     assert set(entries) == {
         "vmlinuz", "vmlinuz-6.1", "initrd.img", "initrd.img-6.1", "big.bin", "hostname",
-        "etc", "efi", "efilink", "pxelinux.cfg", "shadow.txt", "only-disk.txt",
+        "etc", "efi", "efilink", "pxelinux.cfg", "shadow.txt", "only-disk.txt", "lvm",
     }  # no escape, dangling, loops, nor the non-UTF-8 name
     assert entries["etc"].kind is Kind.DIR and entries["vmlinuz"].kind is Kind.FILE
     assert entries["vmlinuz"].size == entries["vmlinuz-6.1"].size
     assert all(n.layer == "disk" for n in entries.values())
     assert any("not UTF-8" in r.getMessage() for r in caplog.records)
+    assert entries["lvm"].kind is Kind.DIR
     efi = portal.run(layer.listdir, ("efi",))
     assert set(efi) == {"EFI", "config.txt", "vmlinuz-efi"}
 
@@ -171,3 +173,14 @@ def test_dirty_ext4_journal_mounts(portal: Portal, layer: GuestLayer, disk_image
         incompat = int.from_bytes(f.read(4), "little")
     assert incompat & 0x4, "fixture lost its dirty journal"  # EXT4_FEATURE_INCOMPAT_RECOVER
     assert portal.run(read_all, layer, ("etc", "hostname")) == b"guest-host\n"
+
+
+def test_lvm_logical_volume(portal: Portal, layer: GuestLayer, disk_image: Image,
+                            nbd_server: NbdServer) -> None:
+    """A mount may name an LVM logical volume ("lv": "vg/lv")."""
+    if not disk_image.lvm:
+        pytest.skip("this machine cannot build the LVM partition (needs root, losetup, lvm2)")
+    node = portal.run(layer.lookup, ("lvm", "lv-kernel"))
+    assert node is not None and node.source == f"{nbd_server.url}#/boot/lvm/lv-kernel"
+    assert portal.run(read_all, layer, ("lvm", "lv-kernel")) == disk_image.files[
+        "/boot/lvm/lv-kernel"]
