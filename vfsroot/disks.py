@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import ConfigError, DiskConfig, load_config
+from .errors import QuietError
 from .guest import AttachOptions, DiskGone, GuestProcessError, GuestSession, rss_mb
 from .layers.base import Kind, Layer, LayerUnavailable, Node
 from .layers.guest import GuestLayer
@@ -49,6 +50,13 @@ log = logging.getLogger(__name__)
 
 #: Wait this long after a config event before reading the file (editors write in steps).
 DEBOUNCE = 0.3
+
+
+class DiskOptionsError(QuietError, ValueError):
+    """A disk option out of range: one clear line and exit status 2 from `vfsroot serve`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 2)
 
 
 @dataclass
@@ -116,12 +124,12 @@ class DiskOptions:
 
     def validate(self) -> None:
         if self.max_appliances < 1 or self.max_launches < 1:
-            raise ValueError("--max-appliances and --max-launches must be at least 1")
+            raise DiskOptionsError("--max-appliances and --max-launches must be at least 1")
         if self.appliance_memory < 256:
-            raise ValueError("--appliance-memory must be at least 256 MiB")
+            raise DiskOptionsError("--appliance-memory must be at least 256 MiB")
         for name in ("idle_timeout", "attach_timeout", "call_timeout", "retry_min"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+                raise DiskOptionsError(f"--{name.replace('_', '-')} must be positive")
 
     def attach_options(self) -> AttachOptions:
         opts = AttachOptions(attach_timeout=self.attach_timeout, call_timeout=self.call_timeout,
