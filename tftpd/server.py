@@ -388,6 +388,7 @@ class TftpServer:
         buckets = _TokenBucket(self.config.error_replies_per_second)
         try:
             async with trio.open_nursery() as sessions:
+                ctx.spawn = sessions.start_soon
                 with trio.CancelScope() as self._listen_scope:
                     if self._stop_requested:
                         self._listen_scope.cancel()

@@ -3,6 +3,7 @@ rules, probes, limits, isolation."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -360,22 +361,33 @@ async def test_memory_per_session_is_bounded(tree: Path) -> None:
     from tftpd.session import BlockSource, FileHandle
 
     path = tree / CLIENT_A / "big.bin"
-    fd = os.open(path, os.O_RDONLY)
-    handle = FileHandle(fd)
-    source = BlockSource(handle, 1024, 64 * 1024, trio.CapacityLimiter(1))
-    peak = 0
-    seq = 1
-    try:
-        while True:
-            data = await source.block(seq)
-            source.release_before(max(1, seq - 16))  # a 16-block window
-            peak = max(peak, len(source._buf))
-            if len(data) < 1024:
-                break
-            seq += 1
-    finally:
-        handle.close()
-    assert peak <= 16 * 1024 + 64 * 1024 + 1024
+    want = file_sha256(path)
+    for prefetch in (False, True):
+        fd = os.open(path, os.O_RDONLY)
+        handle = FileHandle(fd)
+        source = BlockSource(handle, 1024, 64 * 1024, trio.CapacityLimiter(1))
+        peak = 0
+        seq = 1
+        got = hashlib.sha256()
+        async with trio.open_nursery() as nursery:
+            if prefetch:
+                source.start_prefetch(nursery.start_soon)
+            try:
+                while True:
+                    data = await source.block(seq)
+                    got.update(data)
+                    source.release_before(max(1, seq - 15))  # a 16-block window
+                    held = len(source._buf) + len(source._next or b"")
+                    peak = max(peak, held)
+                    if len(data) < 1024:
+                        break
+                    seq += 1
+            finally:
+                source.close()
+                handle.close()
+        assert got.hexdigest() == want
+        # window + the chunk being sent + (with read-ahead) the next chunk
+        assert peak <= 16 * 1024 + (2 if prefetch else 1) * 64 * 1024 + 1024, (prefetch, peak)
 
 
 async def test_dual_stack_socket_normalises_mapped_clients(tree: Path) -> None:
