@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Wait this long after a config event before reading the file (editors write in steps).
 DEBOUNCE = 0.3
+#: A disk used more recently than this is never evicted for another one: a booting client
+#: fetches its files in bursts seconds apart, and evicting it between two bursts would make
+#: a fleet that boots at once thrash through launches instead of waiting its turn.
+EVICT_MIN_IDLE = 30.0
 
 
 class DiskOptionsError(QuietError, ValueError):
@@ -519,7 +523,9 @@ class DiskManager:
                     if d is not disk and d.session_obj is not None]
             if len(live) < self.options.max_appliances:
                 return
-            idle = [d for d in live if d.session_obj and d.session_obj.open_readers == 0]
+            now = trio.current_time()
+            idle = [d for d in live if d.session_obj and d.session_obj.open_readers == 0
+                    and now - d.used_mono >= EVICT_MIN_IDLE]
             if idle:
                 victim = min(idle, key=lambda d: d.used_mono)
                 self.retire(victim, "evicted (appliance cap)")

@@ -80,3 +80,16 @@ def test_options_round_trip_and_validation() -> None:
     assert DiskOptions.from_args(parser.parse_args([])) == DiskOptions()
     with pytest.raises(ValueError, match="max-appliances"):
         DiskOptions.from_args(parser.parse_args(["--max-appliances", "0"]))
+
+
+async def test_recently_used_disk_is_not_evicted(tmp_path: pathlib.Path) -> None:
+    m = DiskManager(tmp_path, DiskOptions(max_appliances=1))
+    recent = disk_with_session(m, "10.0.0.1", used=trio.current_time() - 1)
+    new = Disk(m, "10.0.0.3")
+    with trio.move_on_after(1.5) as scope:
+        await m._make_room(new)
+    assert scope.cancelled_caught and recent.state == "ready"
+    recent.used_mono -= 60  # now it has been idle long enough
+    with trio.fail_after(3):
+        await m._make_room(new)
+    assert recent.state == "detached"
