@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from .conftest import needs_guestfs, write_config
-from .images import Image, NbdServer
+from .images import Image, NbdServer, free_port
 
 pytestmark = [pytest.mark.disk, pytest.mark.mount, needs_guestfs,
               pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.disk, pytest.mark.mount, needs_guestfs,
 
 CLIENT = "127.0.0.41"
 OTHER = "127.0.0.42"
+DOWN = "127.0.0.43"  # its NBD server is unreachable
 VFSROOT = [sys.executable, "-m", "vfsroot.cli"]
 REFRESH_QUIET = 1.0
 
@@ -63,6 +64,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, nbd_server: NbdServer
     (src / "default" / "only-default.txt").write_bytes(b"only default\n")
     (src / CLIENT / "shadow.txt").write_bytes(b"from the client dir\n")
     write_config(src, CLIENT, nbd_server.url)
+    (src / DOWN).mkdir()
+    (src / DOWN / "own.txt").write_bytes(b"served while its disk is down\n")
+    write_config(src, DOWN, f"nbd://127.0.0.1:{free_port()}/export")
     log = (base / "serve.log").open("wb")
     proc = subprocess.Popen(
         [*VFSROOT, "serve", "--source", str(src), "--mount", str(mnt), "--force-tcg",
@@ -144,3 +148,17 @@ def test_rewritten_kernel_visible_within_bound(served: tuple, disk_image: Image,
     time.sleep(REFRESH_QUIET + 0.6)  # a booting client is quiet between its two boots
     assert path.read_bytes() == new
     assert time.monotonic() - t0 < REFRESH_QUIET + 15
+
+
+def test_unreachable_disk_fails_clearly_other_layers_served(served: tuple) -> None:
+    src, mnt, _ = served
+    wait_until(lambda: status(mnt).get(DOWN, {}).get("state") == "failed", 240,
+               "the unreachable disk to fail")
+    assert "unreachable" in status(mnt)[DOWN]["message"]
+    down = mnt / DOWN
+    assert (down / "own.txt").read_bytes() == b"served while its disk is down\n"
+    with pytest.raises(OSError) as e:  # the disk may shadow it: never the default's kernel
+        (down / "vmlinuz").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert (mnt / OTHER / "vmlinuz").read_bytes().startswith(b"the DEFAULT kernel")
+    assert status(mnt)[CLIENT]["state"] == "ready"  # everyone else unaffected
