@@ -108,14 +108,14 @@ class BootFiles:
         t = self.tokens
         tree: dict[str, Path | bytes] = {
             "vmlinuz": self.kernel,
-            "initrd-small.img": self.small.path,
+            "initrd.img": self.small.path,
             "initrd-big.img": self.big.path,
-            IPXE_SCRIPT: ipxe_script("vmlinuz", "initrd-small.img", t[IPXE_SCRIPT]).encode(),
+            IPXE_SCRIPT: ipxe_script("vmlinuz", "initrd.img", t[IPXE_SCRIPT]).encode(),
             f"boot/grub/grub.cfg-{mac_config_name(MAC_GRUB)}":
-                grub_config("/vmlinuz", "/initrd-small.img", t[MAC_GRUB]).encode(),
+                grub_config("/vmlinuz", "/initrd.img", t[MAC_GRUB]).encode(),
         }
-        for mac, initrd in ((MAC_IPXE, "initrd-small.img"), (MAC_BIG, "initrd-big.img"),
-                            (MAC_UBOOT, "initrd-small.img")):
+        for mac, initrd in ((MAC_IPXE, "initrd.img"), (MAC_BIG, "initrd-big.img"),
+                            (MAC_UBOOT, "initrd.img")):
             tree[f"pxelinux.cfg/{mac_config_name(mac)}"] = \
                 pxelinux_config("vmlinuz", initrd, t[mac]).encode()
         return tree
@@ -125,10 +125,10 @@ class BootFiles:
         decoy = "decoy-" + self.tokens["decoy"]
         tree: dict[str, Path | bytes] = {
             "pxelinux.0": PXELINUX, "ldlinux.c32": LDLINUX,
-            "pxelinux.cfg/default": pxelinux_config("vmlinuz", "initrd-small.img",
+            "pxelinux.cfg/default": pxelinux_config("vmlinuz", "initrd.img",
                                                     decoy).encode(),
-            IPXE_SCRIPT: ipxe_script("vmlinuz", "initrd-small.img", decoy).encode(),
-            "boot/grub/grub.cfg": grub_config("/vmlinuz", "/initrd-small.img", decoy).encode(),
+            IPXE_SCRIPT: ipxe_script("vmlinuz", "initrd.img", decoy).encode(),
+            "boot/grub/grub.cfg": grub_config("/vmlinuz", "/initrd.img", decoy).encode(),
         }
         for f in sorted(self.grub_dir.rglob("*")):
             if f.is_file():
@@ -141,7 +141,7 @@ def boot_files(e2e_host: None, tmp_path_factory: pytest.TempPathFactory) -> Boot
     work = tmp_path_factory.mktemp("bootfiles")
     kernel = work / "vmlinuz"
     shutil.copy2(host_kernel(), kernel)
-    small = build_initrd(work / "initrd-small.img", 1_000_000)
+    small = build_initrd(work / "initrd.img", 1_000_000)
     big = build_initrd(work / "initrd-big.img", BIG_PAYLOAD)
     grub_dir = work / "grub-net"
     build_grub_netdir(grub_dir)

@@ -63,7 +63,7 @@ def test_uboot_pxe_get_and_tftpboot(rig: Rig, boot_files: BootFiles,
     dhcp(MAC_UBOOT)
     config = boot_files.boot_tree()[f"pxelinux.cfg/{mac_config_name(MAC_UBOOT)}"]
     assert isinstance(config, bytes)
-    files = {"vmlinuz": boot_files.kernel, "initrd-small.img": boot_files.small.path}
+    files = {"vmlinuz": boot_files.kernel, "initrd.img": boot_files.small.path}
     with UBoot(rig.ns, MAC_UBOOT, rig.work) as ub:
         ub.command("setenv autoload no")
         out = ub.command("dhcp", timeout=60)
@@ -77,7 +77,7 @@ def test_uboot_pxe_get_and_tftpboot(rig: Rig, boot_files: BootFiles,
             f"pxe get did not load the per-MAC config:\n{out}\n{rig.logs()}")
         ub.command("setenv tftpwindowsize 8")
         for name, addr in (("vmlinuz", "${kernel_addr_r}"),
-                           ("initrd-small.img", "${ramdisk_addr_r}")):
+                           ("initrd.img", "${ramdisk_addr_r}")):
             out = ub.command(f"tftpboot {addr} {name}", timeout=180)
             size = files[name].stat().st_size
             assert f"Bytes transferred = {size} " in out, f"tftpboot {name}:\n{out}\n{rig.logs()}"
