@@ -36,6 +36,8 @@ from tftpd.client import TftpError, TransferTimeout, fetch  # noqa: E402
 
 SERVERS = ["vfsroot", "tftpd-hpa", "atftpd", "dnsmasq"]
 ATFTP = shutil.which("atftp") or "/usr/bin/atftp"
+#: Prefix for client commands (``--pin``): e.g. ["taskset", "-c", "1"].
+CLIENT_PREFIX: list[str] = []
 
 
 def sha256_file(path: Path) -> str:
@@ -63,7 +65,8 @@ def atftp_fetch(port: int, name: str, options: list[str], out: Path, want: str,
     args = [a for o in options for a in ("--option", o)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([ATFTP, "-g", "-r", name, "-l", str(out), *args, "127.0.0.1",
+        proc = subprocess.run([*CLIENT_PREFIX, ATFTP, "-g", "-r", name, "-l", str(out), *args,
+                               "127.0.0.1",
                                str(port)], capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
@@ -77,7 +80,8 @@ def our_fetch(port: int, name: str, blksize: int, windowsize: int,
               want: str) -> tuple[float | None, bool]:
     """(seconds, windowsize negotiated) with our client in its own process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tftpd.client", f"127.0.0.1:{port}", name, "--blksize",
+        [*CLIENT_PREFIX, sys.executable, "-m", "tftpd.client", f"127.0.0.1:{port}", name,
+         "--blksize",
          str(blksize), "--windowsize", str(windowsize), "--retransmit", "0.5"],
         capture_output=True, timeout=600, text=True,
         cwd=Path(__file__).resolve().parent.parent)
@@ -141,8 +145,13 @@ def run(args: argparse.Namespace) -> None:
         outdir.mkdir()
         logdir = work / "logs"
         logdir.mkdir()
+        server_cpu = None
+        if args.pin != "none":
+            server_cpu = "0"
+            CLIENT_PREFIX[:] = ["taskset", "-c", "0" if args.pin == "same" else "1"]
+            os.sched_setaffinity(0, {0 if args.pin == "same" else 1})  # in-process client
         servers = tftp_peers.start_servers(bins, root, logdir, max_clients=64,
-                                           workers=args.workers)
+                                           workers=args.workers, cpu=server_cpu)
         results: dict[str, dict[str, list[float]]] = {}
         nowindow: set[tuple[str, str]] = set()
 
@@ -202,7 +211,8 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
     head = f"{'':{width}}" + "".join(f"{s:>11}" for s in SERVERS) + "".join(
         f"{'vs ' + p:>13}" for p in SERVERS[1:])
     print(f"\nTFTP benchmark: medians of {args.rounds} round(s), loopback, "
-          f"{os.cpu_count()} CPUs, vfsroot --workers {args.workers}; ratio = vfsroot / peer "
+          f"{os.cpu_count()} CPUs, pin={args.pin}, vfsroot --workers {args.workers}; "
+          "ratio = vfsroot / peer "
           "(higher is better for rates, lower for times/CPU/RSS)")
     print(head)
     print("-" * len(head))
@@ -232,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-seconds", type=float, default=3.0)
     p.add_argument("--cache", default="/var/cache/vfsroot-bench")
     p.add_argument("--json", help="also write the raw figures here")
+    p.add_argument("--pin", choices=["none", "same", "split"], default="none",
+                   help="pin servers to CPU 0 and clients to CPU 0 (same) or 1 (split): "
+                        "lock-step speed depends mostly on whether they share a CPU")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="vfsroot-tftpd --workers (default: one per CPU)")
     p.add_argument("--quick", action="store_true", help="1 round, 8 MiB: check the setup")

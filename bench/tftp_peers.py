@@ -57,7 +57,7 @@ class Running:
 
 
 def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
-                  max_clients: int, workers: int = 1) -> list[Running]:
+                  max_clients: int, workers: int = 1, cpu: str | None = None) -> list[Running]:
     """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
 
     All get the same limits where they have them: block sizes up to 65464, at least
@@ -87,6 +87,8 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
     running = []
     for name, (port, cmd) in specs.items():
         log = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the server)
+        if cpu is not None:
+            cmd = ["taskset", "-c", cpu, *cmd]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).resolve().parent.parent)
         running.append(Running(name, port, proc))
