@@ -62,13 +62,6 @@ MAC_GRUB = "52:54:00:e2:e0:05"
 BIG_PAYLOAD = 110 * 1000 * 1000
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.e2e)
-
-
 @pytest.fixture(scope="session")
 def e2e_host() -> None:
     """The host can run the boots at all (root for namespaces, a tun device for qemu)."""
@@ -211,9 +204,13 @@ def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
                 wait_file(client_root / cfg, boot_files.boot_tree()[cfg],
                            daemon_log, timeout=240)
                 log = work / "vfsroot-tftpd.log"
-                ns.popen(vfsroot_tftpd_argv(mount), log)
-                wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=90)
-                yield Rig(kind, ns, work, log, client_root, (daemon_log, work / "nbdkit.log"))
+                tftpd = ns.popen(vfsroot_tftpd_argv(mount), log)
+                try:
+                    wait_tftp(ns, "pxelinux.0", PXELINUX.read_bytes(), log, timeout=90)
+                    yield Rig(kind, ns, work, log, client_root,
+                              (daemon_log, work / "nbdkit.log"))
+                finally:
+                    stop_process(tftpd)  # before the unmount: it may hold files open
         finally:
             nbd.stop()
 

@@ -8,6 +8,7 @@ the test built: the wrong config, a truncated or corrupted file, or a boot that 
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,11 @@ def test_ipxe_initrd_over_100mb(rig: Rig, boot_files: BootFiles,
     result = boot_ipxe(rig.ns, MAC_BIG, rig.work / "ipxe-big.console", timeout=420,
                        memory_mb=1024)
     _check_boot(result, boot_files.tokens[MAC_BIG], boot_files.big.payload_sha256, rig)
+    # Our server's transfer line: the whole file, in one transfer, at a blksize that wraps.
+    m = re.search(rf"file='initrd-big.img' bytes={size} .*blksize=(\d+).* outcome=ok",
+                  rig.server_log.read_text(errors="replace"))
+    assert m, f"no complete transfer of initrd-big.img in the server log:\n{rig.logs()}"
+    assert -(-size // int(m.group(1))) > 65535, "the transfer did not need a block-number wrap"
 
 
 def test_uboot_pxe_get_and_tftpboot(rig: Rig, boot_files: BootFiles,

@@ -20,7 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .harness import stop_process, tail
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
