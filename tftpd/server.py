@@ -223,6 +223,18 @@ def _destination(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | Non
     return None
 
 
+def _pktinfo_cmsg(family: int, local: str, ifindex: int) -> tuple[int, int, bytes] | None:
+    """Ancillary data that sets the source address of one datagram."""
+    addr = ipaddress.ip_address(local)
+    if family == socket.AF_INET and addr.version == 4:
+        return (socket.IPPROTO_IP, IP_PKTINFO,
+                struct.pack("=i4s4s", 0, addr.packed, b"\0\0\0\0"))
+    if family == socket.AF_INET6 and addr.version == 6:
+        return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                struct.pack("=16si", addr.packed, ifindex))
+    return None
+
+
 class TftpServer:
     """A running TFTP server: listeners, sessions, limits, counters."""
 
@@ -454,12 +466,26 @@ class TftpServer:
                 log.exception("cannot handle request peer=%s", addr)
 
     def _reply_error(self, sock: socket.socket, addr: tuple, code: int, message: str,
-                     bucket: _TokenBucket) -> None:
-        """ERROR from the listen socket (non-blocking: dropped if the buffer is full)."""
+                     bucket: _TokenBucket, local: tuple[str, int] | None = None) -> None:
+        """ERROR from the listen socket (non-blocking: dropped if the buffer is full).
+
+        From a wildcard listener the kernel would pick the source address by route; ``local``
+        (from IP_PKTINFO) makes it the address the client sent to, which is the only one a
+        multi-homed client's firmware accepts an answer from.
+        """
         if not bucket.take():
             return
+        packet = packets.encode_error(code, message)
         try:
-            sock.sendto(packets.encode_error(code, message), addr)
+            if local is not None and sock.getsockname()[0] in ("0.0.0.0", "::"):
+                cmsg = _pktinfo_cmsg(sock.family, local[0], local[1])
+                if cmsg is not None:
+                    try:
+                        sock.sendmsg([packet], [cmsg], 0, addr)
+                        return
+                    except OSError:
+                        pass  # e.g. a v4-mapped peer on a v6 socket: let the kernel choose
+            sock.sendto(packet, addr)
         except OSError as exc:
             log.debug("cannot send error peer=%s error=%s", addr, exc)
 
@@ -472,12 +498,13 @@ class TftpServer:
         if port == 0:
             self.stats.stray_datagrams += 1
             return
+        dest = _destination(ancdata)
         try:
             packet = packets.parse(data)
         except MalformedPacket as exc:
             self.stats.malformed += 1
             log.debug("malformed request client=%s port=%d error=%s", client, port, exc)
-            self._reply_error(sock, addr, ERR_ILLEGAL_OPERATION, str(exc), bucket)
+            self._reply_error(sock, addr, ERR_ILLEGAL_OPERATION, str(exc), bucket, dest)
             return
         if not isinstance(packet, packets.Request):
             # DATA/ACK/OACK/ERROR belong to a session port; answering them here could start a
@@ -500,7 +527,7 @@ class TftpServer:
                         _loggable(packet.filename), cfg.max_sessions)
             self._reply_error(sock, addr, ERR_NOT_DEFINED,
                               f"server busy: {cfg.max_sessions} transfers running, retry later",
-                              bucket)
+                              bucket, dest)
             return
         if self._per_ip[client] >= cfg.max_sessions_per_ip:
             self.stats.busy_rejections += 1
@@ -509,9 +536,8 @@ class TftpServer:
             self._reply_error(
                 sock, addr, ERR_NOT_DEFINED,
                 f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, retry later",
-                bucket)
+                bucket, dest)
             return
-        dest = _destination(ancdata)
         local, ifindex = dest if dest is not None else (None, 0)
         if local is None and bound_host not in ("0.0.0.0", "::"):
             local = normalise_ip(bound_host)
@@ -524,7 +550,7 @@ class TftpServer:
             log.error("cannot open a session socket client=%s local=%s error=%s", client,
                       local, exc.strerror or exc)
             self._reply_error(sock, addr, ERR_NOT_DEFINED, "server cannot open a transfer port",
-                              bucket)
+                              bucket, dest)
             return
         session = Session(ctx, packet, client, port, local or "", ssock)
         self._active[key] = session

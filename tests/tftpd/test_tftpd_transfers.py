@@ -417,6 +417,11 @@ async def test_replies_come_from_the_address_the_request_went_to(tree: Path) -> 
                 assert isinstance(packet, Data)
                 assert source[0] == dest
                 c.ack(1)
+            with RawClient((dest, port), CLIENT_A) as c:  # errors from the listen socket too
+                c.send_raw(b"\x00\x09junk")
+                got = await c.recv()
+                assert got is not None and isinstance(got[0], Error)
+                assert got[1] == (dest, port)
 
 
 async def test_no_descriptor_leaks_whatever_the_outcome(tree: Path) -> None:
