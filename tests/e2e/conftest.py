@@ -69,7 +69,7 @@ def e2e_host() -> None:
         pytest.skip("e2e boots need root: network namespaces, taps and FUSE mounts")
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("e2e boots need /dev/net/tun for qemu's tap NIC")
-    missing = [t for t in ("qemu-system-x86_64", "qemu-system-i386", "dnsmasq", "ip", "cpio",
+    missing = [t for t in ("qemu-system-x86_64", "dnsmasq", "ip", "cpio", "grub-mknetdir",
                            "curl", "sfdisk", "mkfs.ext4", "nbdkit") if not shutil.which(t)]
     assert not missing, f"missing tools (scripts/debian-packages.txt installs them): {missing}"
 

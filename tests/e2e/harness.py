@@ -12,9 +12,9 @@ Everything a boot needs is built or unpacked here, from Debian packages only:
   .deb (`apt-get download` + `dpkg -x`): installing it would replace the system's busybox.
 - `build_disk`: a partitioned disk image (MBR, one ext4 partition) made without root mounts;
   `NbdServer` serves it read-only with nbdkit on 127.0.0.1.
-- `boot_ipxe`: qemu under TCG with Debian's iPXE ROM; `UBoot`: qemu-system-i386 with Debian's
-  32-bit U-Boot, driven over a serial socket that qemu waits on (`wait=on`), so the 2 s autoboot
-  prompt is never missed.
+- `boot_ipxe`: qemu under TCG with Debian's iPXE ROM; `UBoot`: qemu-system-x86_64 with Debian's
+  32-bit qemu-x86 U-Boot as its BIOS, driven over a serial socket that qemu waits on
+  (`wait=on`), so the 2 s autoboot prompt is never missed.
 """
 
 from __future__ import annotations
@@ -526,7 +526,8 @@ def boot_ipxe(ns: Netns, mac: str, log: Path, timeout: float, memory_mb: int = 5
 
 
 class UBoot:
-    """qemu-system-i386 running Debian's 32-bit qemu-x86 U-Boot, its serial console a socket."""
+    """Debian's 32-bit qemu-x86 U-Boot as the BIOS of a qemu-system-x86_64 (whose CPU can then run
+    a 64-bit kernel; the x86_64 U-Boot build resets when it starts one); serial on a socket."""
 
     PROMPT = b"\n=> "  # at a line start: crc32 prints "==> "
 
@@ -546,7 +547,7 @@ class UBoot:
         with contextlib.suppress(FileNotFoundError):
             self.sock_path.unlink()
         self.proc = self.ns.popen([
-            "qemu-system-i386", "-accel", "tcg", "-m", str(self.memory_mb),
+            "qemu-system-x86_64", "-accel", "tcg", "-m", str(self.memory_mb),
             "-bios", UBOOT_ROM, "-display", "none", "-no-reboot", "-monitor", "none",
             "-chardev", f"socket,id=s0,path={self.sock_path},server=on,wait=on",
             "-serial", "chardev:s0",
@@ -614,6 +615,12 @@ class UBoot:
         self.sock.sendall(cmd.encode() + b"\n")
         out = self.expect(self.PROMPT, timeout).decode(errors="replace")
         return out.split("\n", 1)[1] if "\n" in out else ""
+
+    def run_until(self, cmd: str, pattern: bytes, timeout: float) -> str:
+        """Type a command that does not come back to the prompt (a boot); read to `pattern`."""
+        assert self.sock is not None
+        self.sock.sendall(cmd.encode() + b"\n")
+        return self.expect(pattern, timeout).decode(errors="replace")
 
     def crc32(self, addr: str, size: str = "${filesize}") -> int:
         out = self.command(f"crc32 {addr} {size}")

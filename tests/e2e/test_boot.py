@@ -65,7 +65,7 @@ def test_ipxe_initrd_over_100mb(rig: Rig, boot_files: BootFiles,
 
 def test_uboot_pxe_get_and_tftpboot(rig: Rig, boot_files: BootFiles,
                                     dhcp: Callable[..., Path]) -> None:
-    """U-Boot: `dhcp; pxe get` picks 01-<mac>; `tftpboot` with a window; crc32s match."""
+    """U-Boot: `dhcp; pxe get` picks 01-<mac>; `tftpboot` with a window; crc32s match; boots."""
     dhcp(MAC_UBOOT)
     config = boot_files.boot_tree()[f"pxelinux.cfg/{mac_config_name(MAC_UBOOT)}"]
     assert isinstance(config, bytes)
@@ -88,6 +88,16 @@ def test_uboot_pxe_get_and_tftpboot(rig: Rig, boot_files: BootFiles,
             size = files[name].stat().st_size
             assert f"Bytes transferred = {size} " in out, f"tftpboot {name}:\n{out}\n{rig.logs()}"
             assert ub.crc32(addr) == crc32_file(files[name]), f"crc32 of {name} differs"
+        # And they boot: zboot (x86 bzImage) with the initrd just fetched and the config's
+        # command line.  (`pxe boot` would tell the kernel the initrd is 12 bytes: U-Boot bug.)
+        token = boot_files.tokens[MAC_UBOOT]
+        ub.command(f"setenv bootargs console=ttyS0 quiet panic=-1 vfsroot_token={token}")
+        initrd_size = files["initrd.img"].stat().st_size
+        console = ub.run_until(f"zboot ${{kernel_addr_r}} 0 ${{ramdisk_addr_r}} {initrd_size:x}",
+                               b"VFSROOT-SHA256=", timeout=180)
+        digest = ub.expect(b"\n", 10).decode(errors="replace").strip()
+        assert f"VFSROOT-TOKEN={token}" in console, console[-3000:]
+        assert digest == boot_files.small.payload_sha256, console[-3000:]
 
 
 def test_ipxe_script(rig: Rig, boot_files: BootFiles, dhcp: Callable[..., Path]) -> None:
