@@ -7,11 +7,13 @@ A rig is one network namespace with a TFTP server on `SERVER_IP:69` that serves 
   harness and the firmware on their own, so a failure of the product run is the product's.
 - ``vfsroot``: the product.  `vfsroot serve` mounts the source root (in the root namespace;
   the mount is visible inside the namespace) and `vfsroot-tftpd` serves the mount.  `default/`
-  holds pxelinux.0 and ldlinux.c32; the per-MAC configs, the kernel and the initrds are on the
-  client's NBD disk (nbdkit on 127.0.0.1), whose `/boot` is the TFTP root.
+  holds the loaders (pxelinux.0, ldlinux.c32, GRUB's network tree); the per-MAC configs, the
+  iPXE script, the kernel and the initrds are on the client's NBD disk (nbdkit on 127.0.0.1),
+  whose `/boot` is the TFTP root.
 
-Both trees also hold a decoy `pxelinux.cfg/default` with another token, so a client that misses
-its per-MAC config cannot pass.  DHCP (dnsmasq) is started per test, for the MAC the test boots.
+Both trees also hold decoys (`pxelinux.cfg/default`, `boot.ipxe`, `boot/grub/grub.cfg`) with
+another token, so a client that misses its own config cannot pass.  DHCP (dnsmasq) is started
+per test, for the MAC and boot file the test boots.
 """
 
 from __future__ import annotations
