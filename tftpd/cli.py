@@ -236,10 +236,17 @@ def _die_with_parent() -> None:
 
 
 def _reap(children: tuple[int, ...]) -> int:
+    """Wait for the workers; 1 if one failed.
+
+    The parent forwards SIGTERM to its workers and sends it once more on the way out (in
+    case it stopped for another reason).  That second signal can reach a worker after its
+    trio loop has ended and restored the default handler: dying of it is the stop we asked
+    for, not a failure.
+    """
     status = 0
     for pid in children:
         _, code = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(code) != 0:
+        if os.waitstatus_to_exitcode(code) not in (0, -signal.SIGTERM):
             status = 1
     return status
 

@@ -242,7 +242,7 @@ async def test_workers_share_the_port_and_keep_dedupe(tree: Path) -> None:
                 assert await c.quiet(0.2) == []
                 c.send_peer(packets.encode_error(0, "enough"))
         cli.proc.send_signal(signal.SIGTERM)
-        assert await cli.wait() == 0
+        assert await cli.wait() == 0, cli.log.decode()
         stopped = re.findall(rb"stopped worker=(\d)/2 stats=requests=(\d+) .*"
                              rb"duplicate_requests=(\d+)", cli.log)
         assert sorted(w for w, _, _ in stopped) == [b"1", b"2"], cli.log.decode()
