@@ -100,7 +100,7 @@ class ClientRoots:
             if not stat.S_ISREG(st.st_mode):
                 raise OpenRefused(2, "not a regular file")
             if not self.follow_outside_symlinks:
-                self._check_inside(base, full)
+                self._check_inside(base, fd)
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -108,13 +108,18 @@ class ClientRoots:
         return OpenedFile(fd=fd, size=st.st_size, path=full)
 
     @staticmethod
-    def _check_inside(base: Path, full: str) -> None:
-        """Refuse a file whose resolved location is outside the client's resolved directory.
+    def _check_inside(base: Path, fd: int) -> None:
+        """Refuse a file whose real location is outside the client's resolved directory.
 
-        ``base`` itself may be a symlink (operators link ``10.0.0.5 -> default``); only what is
-        *below* it must stay below it.
+        Checked on the open descriptor, not on the path: a symlink swapped between the open
+        and a path check would otherwise let an outside file through.  ``base`` itself may be a
+        symlink (operators link ``10.0.0.5 -> default``); only what is *below* it must stay
+        below it.
         """
         real_base = os.path.realpath(base)
-        real = os.path.realpath(full)
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            raise OpenRefused(0, "cannot tell where the opened file lives") from None
         if os.path.commonpath([real_base, real]) != real_base or real == real_base:
             raise OpenRefused(2, "access violation: file is outside the client's directory")

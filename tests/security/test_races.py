@@ -26,10 +26,6 @@ def _swap_symlink(link: Path, target: Path | str) -> None:
     os.replace(tmp, link)  # atomic, as an attacker would do it
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tftpd/roots.py ClientRoots.open: _check_inside() re-resolves the *path* with realpath() "
-    "after os.open(); a symlink swapped to an outside file for the open and back before the "
-    "check passes, and the fd of the outside file is served"))
 def test_tftpd_checks_the_opened_descriptor_not_the_path(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     client = tmp_path / "root" / "127.0.0.10"
