@@ -11,6 +11,7 @@ client directory or config counts at once, with no cache to keep in step.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,8 @@ from .layers.base import Layer
 from .layers.local import LocalLayer
 from .names import DEFAULT, client_of_config, is_client_name
 from .view import View
+
+log = logging.getLogger(__name__)
 
 
 class DiskLayers(Protocol):
@@ -34,6 +37,7 @@ class SourceRoot:
         self.root = Path(root)
         self.disks = disks
         self._default = LocalLayer("default", self.root / DEFAULT, self.root)
+        self._warned: set[str] = set()
 
     def clients(self) -> list[str]:
         """Known clients: those with a directory or a disk config, sorted by address."""
@@ -45,7 +49,21 @@ class SourceRoot:
                         found.add(entry.name)
                 elif (client := client_of_config(entry.name)) is not None:
                     found.add(client)
+                elif entry.name != DEFAULT:
+                    self._ignored(entry.name)
         return sorted(found, key=_address_order)
+
+    def _ignored(self, name: str) -> None:
+        """Say once that an entry of the source root is not used: an operator's typo
+        (`10.0.0.05/`, `10.0.0.5.NBD`) must not fail silently."""
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        if len(self._warned) > 10_000:
+            self._warned.clear()
+        log.warning("source root entry ignored: not default/, <ip>/ or <ip>.nbd with the IP in "
+                    "its canonical form (e.g. 10.0.0.5, fe80::5) source=%s entry=%r",
+                    self.root, name)
 
     def layers(self, client: str) -> list[Layer]:
         """The ordered layers of `client`'s view, highest first."""
