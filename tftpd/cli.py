@@ -19,6 +19,8 @@ from pathlib import Path
 
 import trio
 
+from vfsroot.systemd import notify
+
 from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
 from .server import ConfigError, ServerConfig, TftpServer, parse_listen, systemd_fds
 from .session import TransferPolicy
@@ -138,21 +140,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; silently nothing outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(path)
-            sock.send(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify failed error=%s", exc)
-
-
 async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
     """Serve until SIGTERM/SIGINT: stop accepting, let transfers finish within the grace
     period.  A second SIGINT (Ctrl-C again) ends the transfers at once; a repeated SIGTERM does
@@ -165,7 +152,7 @@ async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
                 nursery.cancel_scope.cancel()  # stopped: nothing left to watch
 
             await nursery.start(run_server)
-            sd_notify("READY=1")
+            notify("READY=1")
             stopping = False
             async for signum in signals:
                 for pid in children:
@@ -175,7 +162,7 @@ async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
                     stopping = True
                     log.info("signal=%s: stopping, grace=%.1fs",
                              signal.Signals(signum).name, server.config.grace)
-                    sd_notify("STOPPING=1")
+                    notify("STOPPING=1")
                     server.stop()
                 elif signum == signal.SIGINT:
                     log.warning("second interrupt: ending transfers now")
