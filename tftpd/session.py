@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vfsroot.fileio import pread_exact
+
 from . import packets
 from .packets import (
     BLKSIZE_DEFAULT,
@@ -224,15 +226,7 @@ class FileHandle:
                 raise OSError(errno.EBADF, "file handle closed")
             self._busy += 1
         try:
-            parts: list[bytes] = []
-            got = 0
-            while got < size:
-                chunk = os.pread(self._fd, size - got, offset + got)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return pread_exact(self._fd, size, offset)
         finally:
             with self._lock:
                 self._busy -= 1
@@ -242,15 +236,7 @@ class FileHandle:
     @staticmethod
     def read_all(fd: int, limit: int) -> bytes:
         """Up to ``limit`` bytes from offset 0 of a descriptor nobody else uses yet."""
-        parts: list[bytes] = []
-        got = 0
-        while got < limit:
-            chunk = os.pread(fd, limit - got, got)
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
+        return pread_exact(fd, limit, 0)
 
     def close(self) -> None:
         with self._lock:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from typing import Any
 
+from vfsroot.fileio import read_exact
+
 #: libguestfs refuses single preads above its message limit (4 MiB); 2 MiB is safe and large.
 PREAD_CHUNK = 2 * 1024 * 1024
 #: lstatnslist/readlinklist batches: large enough to list a /boot in one round trip, small
@@ -370,19 +372,12 @@ class Worker:
 
     def pread(self, path: str, offset: int, size: int) -> bytes:
         """Exactly `size` bytes from `offset`, fewer only at end of file."""
-        parts: list[bytes] = []
-        got = 0
-        while got < size:
-            want = min(PREAD_CHUNK, size - got)
+        def one(count: int, at: int) -> bytes:
             try:
-                chunk = self.g.pread(path, want, offset + got)
+                return self.g.pread(path, count, at)
             except RuntimeError as e:
                 raise GuestError(errno_of(e), str(e)) from None
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
+        return read_exact(one, size, offset, chunk=PREAD_CHUNK)
 
 
 def _one_line(text: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path as HostPath
 
 import trio
 
+from ..fileio import pread_exact
 from .base import Kind, Node, Path
 
 log = logging.getLogger(__name__)
@@ -146,20 +147,9 @@ class LocalReader:
         self.node = node
         self._fd = fd
 
-    def _pread_exact(self, offset: int, size: int) -> bytes:
-        chunks: list[bytes] = []
-        while size > 0:
-            chunk = os.pread(self._fd, size, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
-
     async def read(self, offset: int, size: int) -> bytes:
         return await trio.to_thread.run_sync(
-            self._pread_exact, offset, size, limiter=READ_LIMITER
+            pread_exact, self._fd, size, offset, limiter=READ_LIMITER
         )
 
     async def close(self) -> None:

@@ -1,0 +1,33 @@
+"""Reads of an exact length: the one home of the "loop until the length or end of file" rule.
+
+A single ``pread`` may return fewer bytes than asked for in the middle of a file: FUSE trees,
+network filesystems and libguestfs' message size cap all do it.  Every reader in both daemons
+(local layers, tftpd block reads, the guestfs worker) goes through :func:`read_exact` so that a
+short read is retried in one place and end of file is the only thing that ends one early.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+
+def read_exact(pread: Callable[[int, int], bytes], size: int, offset: int,
+               chunk: int | None = None) -> bytes:
+    """``size`` bytes from ``offset`` through ``pread(count, offset)``, fewer only at end of
+    file (an empty answer).  ``chunk`` caps each call (libguestfs refuses large messages)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        want = size - got if chunk is None else min(chunk, size - got)
+        data = pread(want, offset + got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    """:func:`read_exact` over a file descriptor."""
+    return read_exact(lambda n, o: os.pread(fd, n, o), size, offset)
