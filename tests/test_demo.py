@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vfsroot.daemon import mounted_fstype
+from vfsroot.mountinfo import mounted_fstype
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLE = REPO / "demo"

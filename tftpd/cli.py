@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from vfsroot.defaults import DEFAULT_MOUNT
 from vfsroot.systemd import notify
 
 from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vfsroot-tftpd",
         description="Read-only TFTP server that serves each client from <root>/<client-ip>/.",
     )
-    p.add_argument("--root", type=Path, default=Path("/run/vfsroot"),
-                   help="directory with one sub-directory per client IP (default /run/vfsroot)")
+    p.add_argument("--root", type=Path, default=DEFAULT_MOUNT,
+                   help=f"directory with one sub-directory per client IP (default {DEFAULT_MOUNT})")
     p.add_argument("--flat", action="store_true",
                    help="serve ROOT/<path> to every client (no per-client directories)")
     p.add_argument("--listen", action="append", default=[], metavar="ADDR:PORT",

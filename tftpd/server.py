@@ -29,6 +29,8 @@ from pathlib import Path
 
 import trio
 
+from vfsroot.defaults import DEFAULT_MOUNT
+
 from . import packets
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
 from .roots import ClientRoots, normalise_ip
@@ -98,7 +100,7 @@ def parse_listen(text: str, default_port: int = 69) -> ListenSpec:
 class ServerConfig:
     """Everything the server needs; the CLI builds one, tests and the demo build their own."""
 
-    root: Path = Path("/run/vfsroot")
+    root: Path = DEFAULT_MOUNT
     flat: bool = False
     #: Explicit addresses; empty means the default ``[::]:69`` dual-stack (IPv4 fallback).
     listen: tuple[ListenSpec, ...] = ()

@@ -11,12 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from .defaults import DEFAULT_MOUNT
 from .errors import QuietError
 from .names import DEFAULT, is_client_name
 
 log = logging.getLogger("vfsroot")
-
-DEFAULT_MOUNT = "/run/vfsroot"
 
 
 def _disk_support() -> tuple[object, object] | None:

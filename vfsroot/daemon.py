@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -23,14 +22,15 @@ import pyfuse3
 import trio
 
 from . import systemd
+from .defaults import DEFAULT_MOUNT
 from .errors import QuietError
 from .fs import VfsOperations
+from .mountinfo import mounted_fstype
 from .sources import SourceRoot
 from .watch import SourceWatcher
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MOUNT = Path("/run/vfsroot")
 FUSE_DEVICE = Path("/dev/fuse")
 
 #: Exit codes (documented in docs/configuration.md).
@@ -64,27 +64,6 @@ def check_fuse() -> None:
             "pass the device in", EXIT_NO_FUSE)
     if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         raise QuietError("/dev/fuse is not readable and writable by this user", EXIT_NO_FUSE)
-
-
-def _unescape_mountinfo(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash as \\ooo octal escapes."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
-def mounted_fstype(mountpoint: Path) -> str | None:
-    """The file system type mounted exactly at `mountpoint`, from /proc/self/mountinfo.
-
-    Compared as bytes: mount points are byte strings, and a non-ASCII name must match too.
-    """
-    target = os.fsencode(os.path.abspath(mountpoint))
-    fstype = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index(b"-")
-            if _unescape_mountinfo(fields[4]) == target:
-                fstype = os.fsdecode(fields[sep + 1])  # the last one wins: the visible one
-    return fstype
 
 
 def unmount(mountpoint: Path) -> bool:

@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from .daemon import mounted_fstype
+from .defaults import DEFAULT_MOUNT
+from .mountinfo import mounted_fstype
 
 log = logging.getLogger("vfsroot.demo")
 
@@ -88,7 +89,7 @@ def tcp_open(port: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vfsroot-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--mount", type=Path, default=Path("/run/vfsroot"))
+    parser.add_argument("--mount", type=Path, default=DEFAULT_MOUNT)
     parser.add_argument("--workdir", type=Path, default=Path("/var/lib/vfsroot-demo"))
     parser.add_argument("--tftp-listen", default="[::]:69",
                         help="where vfsroot-tftpd listens (default [::]:69)")

@@ -15,23 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from vfsroot.mountinfo import mounts_at
+
 START_DEADLINE = 15.0
 STOP_DEADLINE = 10.0
 
 
-def mount_ids(mountpoint: Path) -> set[bytes]:
-    """Mount IDs of whatever is mounted exactly at `mountpoint` (/proc/self/mountinfo)."""
-    target = os.fsencode(os.path.abspath(mountpoint))
-    ids = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            # mountinfo escapes space, tab, newline and backslash as \ooo
-            point = fields[4].replace(b"\\040", b" ").replace(b"\\011", b"\t") \
-                .replace(b"\\012", b"\n").replace(b"\\134", b"\\")
-            if point == target:
-                ids.add(fields[0])
-    return ids
+def mount_ids(mountpoint: Path) -> set[int]:
+    """Mount IDs of whatever is mounted exactly at `mountpoint`."""
+    return {m.mount_id for m in mounts_at(mountpoint)}
 
 
 def mounted(mountpoint: Path) -> bool:

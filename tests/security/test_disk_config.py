@@ -22,7 +22,7 @@ def config_text(url: str, **extra: object) -> str:
 
 
 def test_a_client_never_gets_a_longer_names_disk(tmp_path: Path) -> None:
-    """rtftp's fault (FIELD.md): 10.0.0.1 matched 10.0.0.10.nbd by prefix."""
+    """rtftp's fault (docs/clients.md, "rtftp"): 10.0.0.1 matched 10.0.0.10.nbd by prefix."""
     for name in ("10.0.0.10", "10.0.0.100", "10.0.0.1x", "10.0.0.1.bak", "010.0.0.1"):
         (tmp_path / f"{name}.nbd").write_text(config_text("nbd://127.0.0.1:1/x"))
     (tmp_path / "10.0.0.1.nbd.nbd").write_text(config_text("nbd://127.0.0.1:1/x"))
