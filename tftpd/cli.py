@@ -1,7 +1,8 @@
 """``vfsroot-tftpd``: command line, logging, signals, systemd readiness.
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when the server cannot start (address in
-use, no permission for port 69, bad systemd socket), 2 for command-line mistakes.
+use, no permission for port 69, bad systemd socket, a --metrics address that cannot be bound),
+2 for command-line mistakes.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 import trio
 
 from vfsroot.defaults import DEFAULT_MOUNT
+from vfsroot.exporter import MetricsError, MetricsServer, bind_metrics, parse_metrics_address
 from vfsroot.systemd import notify
 
+from .metrics import TftpCollector, WorkerMetrics, answer_parent, channel_pair
 from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
 from .server import ConfigError, ServerConfig, TftpServer, parse_listen, systemd_fds
 from .session import TransferPolicy
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_bounded(1, 64), default=1,
                    help="server processes sharing the listen address (SO_REUSEPORT); limits "
                         "apply per worker (default 1)")
+    p.add_argument("--metrics", type=parse_metrics_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, every worker's "
+                        "counts in one endpoint (default: off)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -141,7 +147,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
+async def _run(server: TftpServer, children: tuple[int, ...] = (),
+               metrics_channel: socket.socket | None = None) -> None:
     """Serve until SIGTERM/SIGINT: stop accepting, let transfers finish within the grace
     period.  A second SIGINT (Ctrl-C again) ends the transfers at once; a repeated SIGTERM does
     not (systemd signals every process of the unit, and the parent forwards it too)."""
@@ -152,6 +159,8 @@ async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
                 await server.run(task_status=task_status)
                 nursery.cancel_scope.cancel()  # stopped: nothing left to watch
 
+            if metrics_channel is not None:  # a worker: the parent asks for its counts
+                nursery.start_soon(answer_parent, metrics_channel, WorkerMetrics(server))
             await nursery.start(run_server)
             notify("READY=1")
             stopping = False
@@ -170,13 +179,16 @@ async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
                     nursery.cancel_scope.cancel()
 
 
-def _start_workers(config: ServerConfig, count: int) -> tuple[TftpServer, tuple[int, ...]]:
+def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | None = None,
+                   ) -> tuple[TftpServer, tuple[int, ...], list[socket.socket]]:
     """Bind every worker's sockets in this process (errors stay one clear line), then fork
-    workers 2..count; returns this process's server and the children's pids."""
+    workers 2..count; returns this process's server, the children's pids and (with
+    `metrics`, the parent's bound endpoint) the parent's ends of the channels the children
+    report their counts on."""
     if count == 1:
         server = TftpServer(config)
         server.bind()  # before trio.run: a busy port is one clear line, not a traceback
-        return server, ()
+        return server, (), []
     if config.inherited_fds:
         raise ConfigError("--workers > 1 needs --listen ADDR:PORT (systemd passes one socket)")
     first = TftpServer(replace(config, reuse_port=True, worker=f"1/{count}"))
@@ -194,14 +206,21 @@ def _start_workers(config: ServerConfig, count: int) -> tuple[TftpServer, tuple[
             srv.close()
         raise
     pids = []
+    channels: list[socket.socket] = []
     for i, srv in enumerate(others):
+        parent_end, child_end = channel_pair() if metrics is not None else (None, None)
         pid = os.fork()
         if pid == 0:  # the child serves only its own sockets
             _die_with_parent()
             for other in [first, *others[:i], *others[i + 1:]]:
                 other.close()
+            for end in [*channels, parent_end]:
+                if end is not None:
+                    end.close()
+            if metrics is not None:
+                metrics.close_socket()
             try:
-                trio.run(_run, srv)
+                trio.run(_run, srv, (), child_end)
                 code = 0
             except BaseException:
                 log.exception("worker %s failed", srv.config.worker)
@@ -210,7 +229,10 @@ def _start_workers(config: ServerConfig, count: int) -> tuple[TftpServer, tuple[
             os._exit(code)
         srv.close()
         pids.append(pid)
-    return first, tuple(pids)
+        if parent_end is not None and child_end is not None:
+            child_end.close()
+            channels.append(parent_end)
+    return first, tuple(pids), channels
 
 
 def _die_with_parent() -> None:
@@ -249,11 +271,18 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if not config.root.is_dir():
             log.warning("root is not a directory (yet) root=%s", config.root)
-        server, children = _start_workers(config, args.workers)
-    except ConfigError as exc:
+        collector = TftpCollector()
+        metrics = None
+        if args.metrics is not None:  # bound before any fork: a busy port stops us here
+            metrics = bind_metrics(args.metrics, [collector], "vfsroot-tftpd")
+        server, children, channels = _start_workers(config, args.workers, metrics)
+    except (ConfigError, MetricsError) as exc:
         print(f"vfsroot-tftpd: {exc}", file=sys.stderr)
         return 1
     try:
+        if metrics is not None:  # after the fork: the endpoint's thread lives here only
+            collector.attach(WorkerMetrics(server), channels)
+            metrics.start()
         trio.run(_run, server, children)
     except KeyboardInterrupt:
         pass

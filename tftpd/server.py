@@ -24,6 +24,7 @@ import random
 import socket
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,6 +259,8 @@ class TftpServer:
         self._stopping = False
         self._stop_requested = False
         self._bound: list[socket.socket] | None = None
+        #: Called once per finished transfer (the metrics histogram); None costs nothing.
+        self.on_transfer: Callable[[SessionResult], None] | None = None
 
     def bound_specs(self) -> tuple[ListenSpec, ...]:
         """The listen sockets as specs with real ports (for more workers on the same ports)."""
@@ -584,6 +587,8 @@ class TftpServer:
         st.blocks_sent += res.blocks
         st.retransmits += res.retransmits
         st.duplicate_acks += res.duplicate_acks
+        if self.on_transfer is not None:
+            self.on_transfer(res)
         rate = res.bytes_sent / res.seconds / 1e6 if res.seconds > 0 else 0.0
         opts = ",".join(f"{k}={v}" for k, v in res.options.items()) or "-"
         level = logging.INFO

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .defaults import DEFAULT_MOUNT
 from .errors import QuietError
+from .exporter import parse_metrics_address
 from .names import DEFAULT, is_client_name
 
 log = logging.getLogger("vfsroot")
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"where to mount the views (default {DEFAULT_MOUNT})")
     serve.add_argument("--no-disks", action="store_true",
                        help="ignore <ip>.nbd configs (serve local layers only)")
+    serve.add_argument("--metrics", type=parse_metrics_address, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(default: off)")
     disks = _disk_support()
     if disks is not None:
         disks[0].add_arguments(serve)  # type: ignore[attr-defined]
@@ -102,7 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
     if support is not None and not args.no_disks:
         disk_options_cls, disk_manager_cls = support
         disk_manager = disk_manager_cls(source, disk_options_cls.from_args(args))  # type: ignore[operator,attr-defined]
-    trio.run(serve, ServeOptions(source=source, mount=args.mount.absolute(), disks=disk_manager))
+    trio.run(serve, ServeOptions(source=source, mount=args.mount.absolute(), disks=disk_manager,
+                                 metrics=args.metrics))
     return 0
 
 

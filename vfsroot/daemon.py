@@ -24,7 +24,9 @@ import trio
 from . import systemd
 from .defaults import DEFAULT_MOUNT
 from .errors import QuietError
+from .exporter import MetricsAddress, MetricsError, MetricsServer, bind_metrics
 from .fs import VfsOperations
+from .metrics import VfsrootCollector
 from .mountinfo import mounted_fstype
 from .sources import SourceRoot
 from .watch import SourceWatcher
@@ -38,6 +40,7 @@ EXIT_SOURCE = 3
 EXIT_MOUNT_BUSY = 4
 EXIT_NO_FUSE = 5
 EXIT_MOUNT_FAILED = 6
+EXIT_METRICS = 7
 
 
 @dataclass
@@ -45,6 +48,7 @@ class ServeOptions:
     source: Path
     mount: Path = DEFAULT_MOUNT
     disks: Any = None  # DiskManager, when client disks are enabled
+    metrics: MetricsAddress | None = None  # --metrics HOST:PORT; None: off
 
 
 def check_source(source: Path) -> None:
@@ -165,6 +169,29 @@ async def serve(
         on_client=ops.invalidate_client,
         on_config=on_config,
     )
+    endpoint = _start_metrics(options, source, ops)
+    try:
+        await _serve_mounted(options, ops, watcher, task_status)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _start_metrics(options: ServeOptions, source: SourceRoot,
+                   ops: VfsOperations) -> MetricsServer | None:
+    """Bind and start the /metrics endpoint (before the mount: a busy port leaves nothing)."""
+    if options.metrics is None:
+        return None
+    collector = VfsrootCollector(source, ops, options.disks, trio.lowlevel.current_trio_token())
+    try:
+        return bind_metrics(options.metrics, [collector], "vfsroot").start()
+    except MetricsError as e:
+        raise QuietError(str(e), EXIT_METRICS) from None
+
+
+async def _serve_mounted(options: ServeOptions, ops: VfsOperations, watcher: SourceWatcher,
+                         task_status: trio.TaskStatus[Path]) -> None:
+    disks = options.disks
     async with trio.open_nursery() as nursery:
         if disks is not None:
             await nursery.start(disks.run)

@@ -35,6 +35,7 @@ import math
 import os
 import pathlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -297,6 +298,9 @@ class DiskManager:
         self._sessions: set[GuestSession] = set()  # every session not yet closed
         self._pending: set[Disk] = set()  # attach requested before run() started
         self._notify_send, self._notify_recv = trio.open_memory_channel[str](math.inf)
+        #: Called once per finished attach attempt with (client, seconds, error or None): the
+        #: metrics collector's hook; None costs nothing.
+        self.on_attach_result: Callable[[str, float, str | None], None] | None = None
 
     # --- the interface the daemon uses ---------------------------------------------------
 
@@ -478,12 +482,14 @@ class DiskManager:
         config = disk.config
         assert config is not None
         session: GuestSession | None = None
+        started = trio.current_time()
         with trio.CancelScope() as scope:
             disk.attach_scope = scope
             try:
                 async with self._launches:
                     await self._make_room(disk)
                     disk.set_state("attaching", f"launching appliance ({config.url})")
+                    started = trio.current_time()
                     session = GuestSession(disk.client, config, self.options.attach_options())
                     self._sessions.add(session)
                     info = await session.attach()
@@ -496,6 +502,9 @@ class DiskManager:
                     disk.attaching = False
                     disk.attach_scope = None
                     disk.fail(f"attach failed: {e.strerror or e}", retryable=True)
+                if self.on_attach_result is not None:
+                    self.on_attach_result(disk.client, trio.current_time() - started,
+                                          str(e.strerror or e))
                 return
         if scope.cancelled_caught or disk.config_version != version:
             if session is not None:
@@ -515,6 +524,8 @@ class DiskManager:
                  disk.client, config.url, info.get("attach_s", 0), info.get("launch_s", 0),
                  info.get("qemu_pid"))
         disk.set_state("ready", f"attached in {info.get('attach_s', 0):.1f} s")
+        if self.on_attach_result is not None:
+            self.on_attach_result(disk.client, trio.current_time() - started, None)
 
     async def _make_room(self, disk: Disk) -> None:
         """Wait until one more appliance fits, detaching the least recently used idle disk."""

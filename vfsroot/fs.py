@@ -20,13 +20,14 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import pyfuse3
 
-from .layers.base import Kind, Node, Path, Reader
+from .layers.base import Kind, LayerUnavailable, Node, Path, Reader
 from .names import DEFAULT, is_client_name, is_safe_component
 from .sources import SourceRoot
 from .view import Resolved
@@ -129,6 +130,26 @@ class InodeTable:
 
 
 @dataclass(slots=True)
+class FsCounters:
+    """FUSE work by the layer that answered ("client", "disk", "default"; "vfsroot" for the
+    directories vfsroot makes itself), read by the metrics collector at scrape time.
+
+    Kept only while metrics are on (`VfsOperations.counts` is None otherwise).  An error that
+    no single layer can be blamed for (a merge walk failing with something other than an
+    unavailable disk) counts as "unknown".
+    """
+
+    lookups: Counter[str] = field(default_factory=Counter)
+    reads: Counter[str] = field(default_factory=Counter)
+    read_bytes: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+#: Errors that are answers, not failures: a name that is not there.
+_NOT_FAILURES = frozenset({errno.ENOENT, errno.ENOTDIR})
+
+
+@dataclass(slots=True)
 class DirHandle:
     entries: list[tuple[str, Key, Node]] = field(default_factory=list)
 
@@ -179,6 +200,8 @@ class VfsOperations(pyfuse3.Operations):
         self._files: dict[int, Reader] = {}
         self._next_fh = 1
         self._mounted_ns = time.time_ns()
+        #: Set by the metrics collector (`vfsroot.metrics`); None: nothing is counted.
+        self.counts: FsCounters | None = None
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -189,7 +212,13 @@ class VfsOperations(pyfuse3.Operations):
         return entry.key
 
     async def _resolve(self, client: str, path: Path) -> Resolved | None:
-        return await self.source.view(client).resolve(path)
+        try:
+            return await self.source.view(client).resolve(path)
+        except OSError as e:
+            if self.counts is not None and e.errno not in _NOT_FAILURES:
+                # Only a disk layer is ever unavailable; other merge errors have no one layer.
+                self.counts.errors["disk" if isinstance(e, LayerUnavailable) else "unknown"] += 1
+            raise
 
     async def _node(self, key: Key) -> Node:
         """The node behind an inode now, or ENOENT (also if its kind changed)."""
@@ -253,6 +282,8 @@ class VfsOperations(pyfuse3.Operations):
         node = await self._node(key)
         inode = self.inodes.inode_for(key)
         self.inodes.remember(inode)
+        if self.counts is not None:
+            self.counts.lookups[node.layer] += 1
         return self._attrs(inode, node)
 
     @_guard
@@ -326,7 +357,12 @@ class VfsOperations(pyfuse3.Operations):
         resolved = await self._resolve(key.client, key.path)
         if resolved is None or resolved.node.kind is not Kind.FILE:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        reader = await resolved.layer.open(key.path)
+        try:
+            reader = await resolved.layer.open(key.path)
+        except OSError as e:
+            if self.counts is not None and e.errno not in _NOT_FAILURES:
+                self.counts.errors[resolved.node.layer] += 1
+            raise
         # Keep the kernel's cached pages only while the content is the one they came from.
         keep_cache = entry.version == reader.node.version and bool(reader.node.version)
         entry.version = reader.node.version
@@ -339,7 +375,17 @@ class VfsOperations(pyfuse3.Operations):
         reader = self._files.get(fh)
         if reader is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await reader.read(off, size)
+        if self.counts is None:
+            return await reader.read(off, size)
+        layer = reader.node.layer
+        try:
+            data = await reader.read(off, size)
+        except Exception:
+            self.counts.errors[layer] += 1
+            raise
+        self.counts.reads[layer] += 1
+        self.counts.read_bytes[layer] += len(data)
+        return data
 
     async def release(self, fh: int) -> None:
         reader = self._files.pop(fh, None)
