@@ -658,10 +658,11 @@ def entry_point(name: str) -> list[str]:
 class VfsrootMount:
     """`vfsroot serve --source SRC --mount M` in the root namespace; unmounted on close."""
 
-    def __init__(self, source: Path, mount: Path, log: Path) -> None:
+    def __init__(self, source: Path, mount: Path, log: Path, extra: Sequence[str] = ()) -> None:
         self.source = source
         self.mount = mount
         self.log = log
+        self.extra = tuple(extra)  # more `vfsroot serve` flags, e.g. --metrics
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> VfsrootMount:
@@ -671,7 +672,7 @@ class VfsrootMount:
             self.proc = subprocess.Popen(
                 # KVM hangs on these hosts: never let an appliance launch try it.
                 [*entry_point("vfsroot"), "serve", "--source", str(self.source),
-                 "--mount", str(self.mount), "--force-tcg"],
+                 "--mount", str(self.mount), "--force-tcg", *self.extra],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
             )
         try:

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +268,8 @@ def http_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     try:
         (source / f"{CLIENT_IP}.nbd").write_text(nbd_config(nbd.url))
         daemon_log = work / "vfsroot.log"
-        with VfsrootMount(source, mount, daemon_log), Netns(work) as ns:
+        with VfsrootMount(source, mount, daemon_log, ["--metrics", "127.0.0.1:0"]), \
+                Netns(work) as ns:
             # attach the disk (an appliance launch, 25-45 s under TCG) before the firmware asks
             wait_file(mount / CLIENT_IP / "boot.ipxe", script, daemon_log, timeout=240)
             prefix = work / "nginx"
@@ -280,13 +282,33 @@ def http_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                           .read_bytes(), nginx_log, argv_prefix=tuple(ns.argv([])))
                 yield {"ns": ns, "work": work, "token": token, "initrd": initrd,
                        "kernel": kernel, "script": script, "mount": mount,
-                       "access": prefix / "access.log",
+                       "access": prefix / "access.log", "metrics": metrics_url(daemon_log),
                        "logs": (daemon_log, nginx_log, prefix / "error.log")}
             finally:
                 stop_process(nginx)  # before the unmount: it may hold files open
     finally:
         nbd.stop()
         shutil.rmtree(mount.parent, ignore_errors=True)
+
+
+def metrics_url(log: Path) -> str:
+    m = re.search(r"metrics endpoint daemon=vfsroot url=(\S+)", log.read_text(errors="replace"))
+    assert m, tail(log)
+    return m.group(1)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """GET /metrics (a real HTTP client), parsed by prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
 
 
 def test_ipxe_http_boot_through_nginx(http_rig: dict) -> None:
@@ -298,6 +320,7 @@ def test_ipxe_http_boot_through_nginx(http_rig: dict) -> None:
     # the kernel and initrd the client gets are the disk's (the default layer has none)
     for name in ("vmlinuz", "initrd.img", "boot.ipxe"):
         assert os.getxattr(mount / CLIENT_IP / name, "user.vfsroot.layer") == b"disk", name
+    before = scrape(http_rig["metrics"])
     dnsmasq_log = work / "dnsmasq.log"
     dhcp = ns.popen(dnsmasq_argv(work, {MAC_HTTP: CLIENT_IP}, f"http://{SERVER_IP}/boot.ipxe"),
                     dnsmasq_log)
@@ -318,3 +341,16 @@ def test_ipxe_http_boot_through_nginx(http_rig: dict) -> None:
     for name, size in sizes.items():
         pattern = rf"^{re.escape(CLIENT_IP)} .*\"GET /{re.escape(name)} HTTP/1\.[01]\" 200 {size} "
         assert re.search(pattern, access, re.M), f"no whole GET of {name}:\n{access}"
+    # and vfsroot's metrics saw it: one attached disk, its appliance, the bytes it served
+    after = scrape(http_rig["metrics"])
+    assert after["vfsroot_disks{state=ready}"] == 1
+    assert after["vfsroot_disk_attach_seconds_count"] == 1
+    assert after["vfsroot_disk_attach_failures_total"] == 0
+    assert after["vfsroot_appliances"] == 1
+    assert after[f"vfsroot_appliance_rss_bytes{{appliance={CLIENT_IP}}}"] > 50 * 1024 * 1024
+    served = (after["vfsroot_fuse_read_bytes_total{layer=disk}"]
+              - before["vfsroot_fuse_read_bytes_total{layer=disk}"])
+    # at least once each (nginx reads through the page cache, which a re-read may hit)
+    assert served >= sizes["vmlinuz"] + sizes["initrd.img"], (served, sizes)
+    assert after["vfsroot_fuse_read_bytes_total{layer=default}"] == \
+        before["vfsroot_fuse_read_bytes_total{layer=default}"], "the boot read default/ files"
