@@ -33,13 +33,14 @@ DEFAULT_NBD_PORT = 10809
 #: A config larger than this is certainly not a disk config (and is not read whole).
 MAX_CONFIG_BYTES = 64 * 1024
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
 #: Export names and socket paths: what real deployments use, and nothing qemu's option parser
-#: or libguestfs' server syntax could read as a separator.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9._~/+@=-]*$")
-_VG_LV = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
-_DEVICE = re.compile(r"^/dev/sda([1-9][0-9]{0,2})?$")
+#: or libguestfs' server syntax could read as a separator.  (All of these end in \Z: `$` would
+#: also match before a trailing newline, and let "export\n" through.)
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._~/+@=-]*\Z")
+_VG_LV = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}\Z")
+_DEVICE = re.compile(r"^/dev/sda([1-9][0-9]{0,2})?\Z")
 _TOP_FIELDS = {"url", "mounts", "tftp_root"}
 _MOUNT_SOURCES = ("partition", "device", "lv")
 

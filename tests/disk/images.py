@@ -54,6 +54,11 @@ class Image:
     files: dict[str, bytes]
     #: p3 holds the LVM volume group (False where loop devices or lvm2 are missing)
     lvm: bool = False
+    #: why there is no LVM volume group (the missing tool), "" when there is one
+    lvm_missing: str = ""
+    #: sha256 of the image's bytes: taken once when it is built, and moved only by the tests'
+    #: own intended changes (`rewrite_fat_file`), never by re-reading the image
+    expected_sha256: str = ""
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -67,10 +72,29 @@ class Image:
         return f"{self.path}@@{P1_START}"
 
     def rewrite_fat_file(self, name: str, data: bytes, tmp: pathlib.Path) -> None:
-        """Rewrite a file on p1 in place, as a live client upgrading its kernel would."""
+        """Rewrite a file on p1 in place, as a live client upgrading its kernel would.
+
+        The baseline moves by this change only: the image must still be exactly what the
+        baseline says (a write by vfsroot before now fails here), the change is made on a
+        private copy whose sha256 becomes the baseline, and only then do the changed blocks
+        go into the served image (in place: nbdkit holds it open).
+        """
+        assert self.sha256() == self.expected_sha256, "vfsroot wrote to the client's disk"
+        copy = tmp / "rewrite.img"
+        shutil.copyfile(self.path, copy)
         src = tmp / "rewrite.bin"
         src.write_bytes(data)
-        run("mcopy", "-o", "-i", self.fat_spec(), str(src), f"::/{name}")
+        run("mcopy", "-o", "-i", f"{copy}@@{P1_START}", str(src), f"::/{name}")
+        self.expected_sha256 = Image(copy, {}).sha256()
+        with copy.open("rb") as new, self.path.open("r+b") as out:
+            offset = 0
+            while chunk := new.read(MiB):
+                out.seek(offset)
+                if out.read(len(chunk)) != chunk:
+                    out.seek(offset)
+                    out.write(chunk)
+                offset += len(chunk)
+        copy.unlink()
         self.files[f"/boot/efi/{name}"] = data
 
 
@@ -157,20 +181,24 @@ def build_image(dest: pathlib.Path, variant: str = "a", lvm: bool = False) -> Im
         f"start={P3_START // 512}, size={P3_SIZE // 512}, type=8e\n"
     )
     run("sfdisk", "-q", str(dest), input=table.encode())
+    lvm_missing = ""
     with dest.open("r+b") as out:
         parts = [(p1, P1_START), (p2, P2_START)]
         if lvm:
-            p3 = work / "p3.img"
-            if make_lvm_pv(p3, work, files):
+            lvm_missing = lvm_tools_missing()
+            if not lvm_missing:
+                p3 = work / "p3.img"
+                make_lvm_pv(p3, work, files)
                 parts.append((p3, P3_START))
-            else:
-                lvm = False
+            lvm = not lvm_missing
         for part, offset in parts:
             out.seek(offset)
             with part.open("rb") as src:
                 while chunk := src.read(4 * MiB):
                     out.write(chunk)
-    return Image(dest, files, lvm=lvm)
+    image = Image(dest, files, lvm=lvm, lvm_missing=lvm_missing)
+    image.expected_sha256 = image.sha256()
+    return image
 
 
 def make_dirty_journal(p2: pathlib.Path, work: pathlib.Path) -> None:
@@ -193,17 +221,28 @@ def make_dirty_journal(p2: pathlib.Path, work: pathlib.Path) -> None:
     assert "needs_recovery" in features, "debugfs did not leave a dirty journal"
 
 
-def make_lvm_pv(dest: pathlib.Path, work: pathlib.Path, files: dict[str, bytes]) -> bool:
+def lvm_tools_missing() -> str:
+    """What this machine lacks to build the LVM partition ("" when nothing): the only reason
+    the LV tests may skip.  Any other failure of the builder is a failure, not a skip."""
+    if os.geteuid() != 0:
+        return "needs root (losetup, pvcreate)"
+    tools = ("losetup", "pvcreate", "vgcreate", "vgcfgbackup", "vgcfgrestore", "vgchange")
+    if missing := [t for t in tools if not shutil.which(t)]:
+        return f"missing {', '.join(missing)} (util-linux, lvm2)"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop devices (/dev/loop-control)"
+    return ""
+
+
+def make_lvm_pv(dest: pathlib.Path, work: pathlib.Path, files: dict[str, bytes]) -> None:
     """Write p3: an LVM PV with VG `LVM_VG` and LV `LVM_LV` holding an ext4 filesystem.
 
     No device-mapper and no mount: pvcreate/vgcreate work on a loop device (never activated,
     restricted by a device filter to that one loop device), the LV is added to the metadata
     with vgcfgrestore (lvcreate insists on device-mapper), and the filesystem is written at
-    the LV's place in the file (its only segment starts at pe_start).  Returns False when
-    this machine cannot do it (no loop devices, no lvm2): the LV tests then skip.
+    the LV's place in the file (its only segment starts at pe_start).  Call it only when
+    `lvm_tools_missing()` is empty; every failure raises, naming the command and its stderr.
     """
-    if os.geteuid() != 0 or not shutil.which("pvcreate") or not shutil.which("losetup"):
-        return False
     lvroot = work / "lvroot"
     lvroot.mkdir(exist_ok=True)
     data = b"kernel on a logical volume\n"
@@ -211,18 +250,15 @@ def make_lvm_pv(dest: pathlib.Path, work: pathlib.Path, files: dict[str, bytes])
     files["/boot/lvm/lv-kernel"] = data
     with dest.open("wb") as f:
         f.truncate(P3_SIZE)
-    try:
-        loop = run("losetup", "-f", "--show", str(dest)).stdout.decode().strip()
-    except (subprocess.CalledProcessError, OSError):
-        return False
+    loop = _lvm_step("losetup", "-f", "--show", str(dest)).stdout.decode().strip()
     cfg = (f'devices {{ filter=["a|^{loop}$|","r|.*|"] obtain_device_list_from_udev=0 }} '
            "activation { udev_sync=0 udev_rules=0 }")
     env = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
     meta = work / "vg.meta"
     try:
-        run("pvcreate", "-q", "--config", cfg, loop, env=env)
-        run("vgcreate", "-q", "--config", cfg, "-s", "1m", LVM_VG, loop, env=env)
-        run("vgcfgbackup", "-q", "--config", cfg, "-f", str(meta), LVM_VG, env=env)
+        _lvm_step("pvcreate", "-q", "--config", cfg, loop, env=env)
+        _lvm_step("vgcreate", "-q", "--config", cfg, "-s", "1m", LVM_VG, loop, env=env)
+        _lvm_step("vgcfgbackup", "-q", "--config", cfg, "-f", str(meta), LVM_VG, env=env)
         text = meta.read_text()
         pe_count = int(text.split("pe_count = ")[1].split()[0])
         pe_start = int(text.split("pe_start = ")[1].split()[0]) * 512
@@ -237,11 +273,9 @@ def make_lvm_pv(dest: pathlib.Path, work: pathlib.Path, files: dict[str, bytes])
         text = text[:end] + lv + text[end:]
         text = text.replace("seqno = 1", "seqno = 2", 1)
         meta.write_text(text)
-        run("vgcfgrestore", "-q", "--config", cfg, "-f", str(meta), LVM_VG, env=env)
+        _lvm_step("vgcfgrestore", "-q", "--config", cfg, "-f", str(meta), LVM_VG, env=env)
         subprocess.run(["vgchange", "-q", "-an", "--config", cfg, LVM_VG], env=env,
                        capture_output=True, check=False)  # in case udev auto-activated it
-    except (subprocess.CalledProcessError, OSError, IndexError, ValueError):
-        return False
     finally:
         subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
     fs = work / "lv.img"
@@ -251,7 +285,15 @@ def make_lvm_pv(dest: pathlib.Path, work: pathlib.Path, files: dict[str, bytes])
     with dest.open("r+b") as out, fs.open("rb") as src:
         out.seek(pe_start)
         out.write(src.read())
-    return True
+
+
+def _lvm_step(*argv: str, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    """One command of the LVM build; a failure names the command and what it printed."""
+    try:
+        return run(*argv, **kw)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"building the LVM partition: {' '.join(argv)} exited "
+                           f"{e.returncode}: {e.stderr.decode(errors='replace').strip()}") from e
 
 
 def free_port() -> int:

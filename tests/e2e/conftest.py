@@ -45,7 +45,6 @@ from .harness import (
     ipxe_script,
     mac_config_name,
     nbd_config,
-    product_missing,
     pxelinux_config,
     stop_process,
     tail,
@@ -177,8 +176,6 @@ SERVERS = ["tftpd-hpa", "vfsroot"]
 def rig(request: pytest.FixtureRequest, boot_files: BootFiles,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     kind = request.param
-    if kind == "vfsroot" and (missing := product_missing()):
-        pytest.skip(f"product boot needs modules not landed yet: {', '.join(missing)}")
     work = tmp_path_factory.mktemp(f"rig-{kind}")
     with Netns(work) as ns:
         if kind == "tftpd-hpa":

@@ -632,20 +632,6 @@ class UBoot:
 
 # --- our product --------------------------------------------------------------------------------
 
-def product_missing() -> list[str]:
-    """Modules of ours the product runs need that are not importable yet (names for skips)."""
-    import importlib.util
-
-    missing = []
-    for mod in ("vfsroot.cli", "vfsroot.disks", "tftpd.cli"):
-        try:
-            if importlib.util.find_spec(mod) is None:
-                missing.append(mod)
-        except ImportError:
-            missing.append(mod)
-    return missing
-
-
 def entry_point(name: str) -> list[str]:
     """Our console script next to the running interpreter (the venv's bin/)."""
     script = Path(sys.executable).parent / name

@@ -42,7 +42,6 @@ from .harness import (
     build_disk,
     entry_point,
     nbd_config,
-    product_missing,
     stop_process,
     tail,
     tftpd_hpa,
@@ -80,8 +79,6 @@ class Tree:
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
     if os.geteuid() != 0:
         pytest.skip("needs root: FUSE mount with allow_other, network namespaces")
-    if missing := product_missing():
-        pytest.skip(f"needs modules not landed yet: {', '.join(missing)}")
     work = tmp_path_factory.mktemp("pairing")
     source = work / "source"
     # dnsmasq and tftpd-hpa drop to an unprivileged user: the mount point must be reachable

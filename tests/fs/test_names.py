@@ -84,10 +84,53 @@ def test_no_prefix_match_between_ipv4_clients(addr: ipaddress.IPv4Address, digit
         assert client_of_config(longer + ".nbd") == longer
 
 
-@given(st.text(max_size=50))
-def test_is_client_name_accepts_only_what_ipaddress_prints(text: str) -> None:
-    if is_client_name(text):
-        assert str(ipaddress.ip_address(text)) == text
+def _canonical(text: str) -> bool:
+    """The oracle: `ipaddress` parses it, prints it back unchanged, and it has no zone."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return str(addr) == text and getattr(addr, "scope_id", None) is None
+
+
+def _spellings(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> dict[str, str]:
+    """Other spellings of the same machine (or of nothing): never a client name."""
+    name = str(addr)
+    out = {"upper": name.upper(), "space": f" {name}", "trailing-space": f"{name} ",
+           "newline": f"{name}\n", "nul": f"{name}\0", "prefix-len": f"{name}/32",
+           "dot": f"{name}.", "nbd": f"{name}.nbd", "zone": f"{name}%eth0",
+           "brackets": f"[{name}]", "digit": f"{name}0" if ":" not in name else f"{name}:0"}
+    if isinstance(addr, ipaddress.IPv6Address):
+        out["exploded"] = addr.exploded
+        out["zero-group"] = name.replace("::", ":0:", 1) if "::" in name else "0" + name
+    else:
+        first, rest = name.split(".", 1)
+        out["leading-zero"] = f"0{first}.{rest}"
+        out["hex"] = f"{int(first):#x}.{rest}"
+        out["integer"] = str(int(addr))
+        out["three-parts"] = name.rsplit(".", 1)[0]
+    return {k: v for k, v in out.items() if v != name}
+
+
+@given(st.ip_addresses(), st.data())
+def test_is_client_name_accepts_only_what_ipaddress_prints(
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address, data: st.DataObject) -> None:
+    """Every example is an IP or a near-IP, so both halves assert on every run: the one
+    canonical spelling is a client, every other spelling of it is not, and a random
+    one-character edit is a client exactly when `ipaddress` prints it back unchanged."""
+    name = str(addr)
+    assert is_client_name(name) is True
+    kind, other = data.draw(st.sampled_from(sorted(_spellings(addr).items())), label="spelling")
+    if kind in ("upper", "digit", "zero-group"):
+        # these may still be some canonical address (an all-digit IPv4 has no upper case,
+        # "1.2.3.4" + "0" can be "1.2.3.40"): the oracle decides
+        assert is_client_name(other) is _canonical(other), (kind, other)
+    else:
+        assert is_client_name(other) is False, (kind, other)
+    pos = data.draw(st.integers(0, len(name)), label="position")
+    char = data.draw(st.sampled_from("0123456789abcdefABCDEF.:%/ g\0x"), label="char")
+    for edited in (name[:pos] + char + name[pos:], name[:pos] + char + name[pos + 1:]):
+        assert is_client_name(edited) is _canonical(edited), edited
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/", "a\0b", "../etc", "x/"])

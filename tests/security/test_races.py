@@ -8,6 +8,8 @@ deterministic here by doing it inside ``os.open``, exactly where a real race wou
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from pathlib import Path
 
@@ -35,9 +37,11 @@ def test_tftpd_checks_the_opened_descriptor_not_the_path(tmp_path: Path,
     link = client / "link"
     link.symlink_to("kernel")
     real_open = os.open
+    swaps: list[str] = []
 
     def racing_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
         if os.fspath(path).endswith("/link"):
+            swaps.append(os.fspath(path))
             _swap_symlink(link, tmp_path / "host-secret")
             try:
                 return real_open(path, flags, *args, **kwargs)
@@ -46,20 +50,23 @@ def test_tftpd_checks_the_opened_descriptor_not_the_path(tmp_path: Path,
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", racing_open)
+    with pytest.raises(OpenRefused) as info:
+        ClientRoots(tmp_path / "root").open("127.0.0.10", "link")
+    monkeypatch.undo()
+    assert swaps == [str(client / "link")], "the race was never staged: os.open not reached"
+    assert info.value.code == 2
+    assert str(info.value) == "access violation: file is outside the client's directory"
+    # the link points inside again, and then it is served: the refusal was about the race
+    opened = ClientRoots(tmp_path / "root").open("127.0.0.10", "link")
     try:
-        opened = ClientRoots(tmp_path / "root").open("127.0.0.10", "link")
-    except OpenRefused as exc:
-        assert exc.code == 2
-        return
-    try:
-        served = os.pread(opened.fd, 4096, 0)
+        assert os.pread(opened.fd, 4096, 0) == INSIDE
     finally:
         os.close(opened.fd)
-    assert served != OUTSIDE, "the file outside the client's directory was opened and passed"
 
 
 async def test_local_layer_open_stays_inside_the_source_root(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     src = tmp_path / "src"
     sub = src / "10.0.0.1" / "sub"
     sub.mkdir(parents=True)
@@ -79,19 +86,20 @@ async def test_local_layer_open_stays_inside_the_source_root(
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", racing_open)
-    try:
-        reader = await layer.open(("sub", "file"))
-    except OSError:
-        return  # refused: fine
-    try:
-        served = await reader.read(0, 4096)
-    finally:
-        await reader.close()
-    assert served != OUTSIDE, "a file outside the source root was opened"
+    with caplog.at_level(logging.WARNING, logger="vfsroot.layers.local"), \
+            pytest.raises(FileNotFoundError) as info:
+        await layer.open(("sub", "file"))
+    monkeypatch.undo()
+    assert swapped == [True], "the race was never staged: os.open not reached"
+    assert os.path.islink(sub) and os.path.realpath(sub / "file") == str(outside / "file")
+    assert info.value.errno == errno.ENOENT
+    refusals = [r.getMessage() for r in caplog.records
+                if "outside the source root while opening" in r.getMessage()]
+    assert len(refusals) == 1 and f"opened={outside / 'file'}" in refusals[0], refusals
 
 
 def test_tftpd_plain_open_without_race_is_refused(tmp_path: Path) -> None:
-    """Control for the xfail above: with no race the same link is refused."""
+    """Control: with no race, a link that points outside is refused the same way."""
     client = tmp_path / "root" / "127.0.0.10"
     client.mkdir(parents=True)
     (tmp_path / "host-secret").write_bytes(OUTSIDE)

@@ -8,28 +8,11 @@ from pathlib import Path
 
 import trio
 
+from tests.fuzz import junk
 from tests.tftpd.helpers import RawClient, running
 from tftpd import packets
 
 from .tftp import A, B, fetch
-
-
-def _junk(rng: random.Random) -> bytes:
-    kind = rng.randrange(4)
-    if kind == 0:
-        return bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 600)))
-    if kind == 1:  # plausible RRQ/WRQ with hostile fields
-        name = rng.choice([b"../x", b"\xff" * 300, b"a" * 2000, b"%2e%2e/x", b"",
-                           b"whoami", b"..\\" + B.encode() + b"\\whoami"])
-        mode = rng.choice([b"octet", b"NETASCII", b"\xff", b"", b"x" * 700])
-        opts = b"".join(rng.choice([b"blksize\0", b"65465\0", b"tsize\0", b"-1\0",
-                                    b"windowsize\0", b"0\0", b"\0", b"timeout\0"])
-                        for _ in range(rng.randrange(0, 8)))
-        return bytes([0, rng.choice([1, 2])]) + name + b"\0" + mode + b"\0" + opts
-    if kind == 2:  # stray ACK/DATA/ERROR/OACK
-        return bytes([0, rng.choice([3, 4, 5, 6])]) + bytes(
-            rng.getrandbits(8) for _ in range(rng.randrange(0, 20)))
-    return bytes([rng.getrandbits(8), rng.getrandbits(8)])
 
 
 async def test_random_datagrams_do_not_stop_the_server(tmp_path: Path) -> None:
@@ -52,7 +35,7 @@ async def test_random_datagrams_do_not_stop_the_server(tmp_path: Path) -> None:
                 for i in range(3000):
                     to = victim.peer if i % 3 == 0 else addr
                     try:
-                        s.sendto(_junk(rng), to)
+                        s.sendto(junk(rng), to)
                     except BlockingIOError:
                         await trio.sleep(0.001)
                     if i % 100 == 0:

@@ -182,7 +182,7 @@ async def test_systemd_socket_activation(tree: Path) -> None:
             await trio.lowlevel.wait_readable(notify)
         assert notify.recv(100) == b"READY=1"
         res = await fetch(("127.0.0.1", port), "whoami", bind=CLIENT_A)
-        assert res.size == len(CLIENT_A) + 1
+        assert res.sha256 == file_sha256(tree / CLIENT_A / "whoami")  # "127.0.0.10\n"
         proc.send_signal(signal.SIGTERM)
         assert await cli.wait() == 0
     finally:
@@ -215,7 +215,7 @@ async def test_falls_back_to_ipv4_when_ipv6_is_disabled(
         addrs = await nursery.start(server.run)
         monkeypatch.undo()
         res = await fetch(("127.0.0.1", addrs[0][1]), "whoami", bind=CLIENT_A)
-        assert res.size == len(CLIENT_A) + 1
+        assert res.sha256 == file_sha256(tree / CLIENT_A / "whoami")  # "127.0.0.10\n"
         nursery.cancel_scope.cancel()
     assert asked[0] == ("0.0.0.0", 0)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

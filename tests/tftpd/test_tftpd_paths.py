@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -75,6 +76,22 @@ def test_normalise_ip(peer: str, want: str) -> None:
     assert normalise_ip(peer) == want
 
 
+def read_sha256(fd: int) -> str:
+    """Read an opened file whole through its descriptor (then close it); its sha256."""
+    try:
+        h, offset = hashlib.sha256(), 0
+        while chunk := os.pread(fd, 65536, offset):
+            h.update(chunk)
+            offset += len(chunk)
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_roots_per_client_and_flat(tmp_path: Path) -> None:
     (tmp_path / "10.0.0.1").mkdir()
     (tmp_path / "10.0.0.1" / "f").write_bytes(b"one")
@@ -94,8 +111,7 @@ def test_roots_per_client_and_flat(tmp_path: Path) -> None:
         roots.open("10.0.0.100", "f")
     assert exc.value.code == 1
     flat = ClientRoots(tmp_path, flat=True).open("10.0.0.99", "f")
-    os.close(flat.fd)
-    assert flat.size == 4
+    assert (flat.size, read_sha256(flat.fd)) == (4, sha256(b"flat"))
 
 
 def test_roots_refuse_directories_specials_and_escaping_symlinks(tmp_path: Path) -> None:
@@ -109,8 +125,7 @@ def test_roots_refuse_directories_specials_and_escaping_symlinks(tmp_path: Path)
     (a / "link-abs").symlink_to(b / "secret")
     os.mkfifo(a / "fifo")
     roots = ClientRoots(tmp_path)
-    fd = roots.open("10.0.0.1", "link-in").fd
-    os.close(fd)
+    assert read_sha256(roots.open("10.0.0.1", "link-in").fd) == sha256(b"ok")
     for name, code in (("dir", 2), ("link-out", 2), ("link-abs", 2), ("missing", 1),
                        ("inside/x", 1), ("fifo", 2)):
         with pytest.raises(OpenRefused) as exc:
@@ -119,8 +134,7 @@ def test_roots_refuse_directories_specials_and_escaping_symlinks(tmp_path: Path)
     # (The fifo above would block a plain open() forever; it is refused at once.)
     # Symlinked client directory itself is fine (operators link 10.0.0.3 -> 10.0.0.2).
     (tmp_path / "10.0.0.3").symlink_to("10.0.0.2")
-    fd = roots.open("10.0.0.3", "secret").fd
-    os.close(fd)
+    assert read_sha256(roots.open("10.0.0.3", "secret").fd) == sha256(b"b's")
     # ... unless the operator opts in to following links out of the client directory.
-    fd = ClientRoots(tmp_path, follow_outside_symlinks=True).open("10.0.0.1", "link-out").fd
-    os.close(fd)
+    opened = ClientRoots(tmp_path, follow_outside_symlinks=True).open("10.0.0.1", "link-out")
+    assert read_sha256(opened.fd) == sha256(b"b's")

@@ -71,7 +71,7 @@ async def test_blksize_is_capped_by_the_operator(tree: Path) -> None:
     async with running(tree) as (_server, addr):
         res = await fetch(addr, "1m.bin", blksize=65464, windowsize=1000, bind=CLIENT_A)
     assert res.options == {"blksize": "1468", "windowsize": "64"}
-    assert res.size == 1 << 20
+    assert (res.size, res.sha256) == (1 << 20, file_sha256(tree / CLIENT_A / "1m.bin"))
 
 
 async def test_unknown_and_malformed_options_are_not_answered(tree: Path) -> None:
@@ -120,10 +120,13 @@ async def test_rollover_lockstep_512(rollover_tree: tuple[Path, str]) -> None:
 async def test_rollover_inside_windows(rollover_tree: tuple[Path, str]) -> None:
     """Window 48 at 512 bytes: windows start at multiples of 48, so one spans 65535 -> 0."""
     root, digest = rollover_tree
-    async with running(root) as (_server, addr):
+    async with running(root) as (server, addr):
         res = await fetch(addr, "33m.bin", blksize=512, windowsize=48, bind=LOCAL)
-    assert 65536 % 48 != 0  # the wrap falls inside a window
+    assert 65536 % 48 != 0  # the wrap falls inside a window ...
+    assert res.options["windowsize"] == "48"  # ... of 48, as negotiated ...
+    assert res.blocks > 65536  # ... and the transfer went past it
     assert res.sha256 == digest
+    assert server.stats.completed == 1
 
 
 async def test_errors_are_clear(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -305,7 +308,7 @@ async def test_tsize_probe_then_abort_is_quiet(tree: Path,
             c.send_peer(packets.encode_error(8, "User aborted the transfer"))
             assert await c.quiet(0.5) == []  # never answer an ERROR
         res = await fetch(addr, "secret-a", tsize=True, blksize=1468, bind=CLIENT_A)
-        assert res.size == 70000
+        assert (res.size, res.sha256) == (70000, file_sha256(tree / CLIENT_A / "secret-a"))
     assert server.stats.aborted_by_client == 1
     assert server.stats.completed == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -339,7 +342,7 @@ async def test_session_limits(tree: Path) -> None:
             err = await third.expect(Error)
             assert "too many transfers" in err.message and "limit 2" in err.message
         res = await fetch(addr, "secret-b", bind=CLIENT_B)  # other clients still served
-        assert res.size == 70000
+        assert (res.size, res.sha256) == (70000, file_sha256(tree / CLIENT_B / "secret-b"))
         with trio.fail_after(2):
             while server.stats.active > 2:  # the server has yet to see the final ACK
                 await trio.sleep(0.01)
@@ -397,7 +400,7 @@ async def test_dual_stack_socket_normalises_mapped_clients(tree: Path) -> None:
         got = bytearray()
         res = await fetch(("127.0.0.1", addr[1]), "whoami", bind=CLIENT_B, sink=got.extend)
     assert bytes(got) == f"{CLIENT_B}\n".encode()
-    assert res.size == len(got)
+    assert (res.size, res.sha256) == (len(got), hashlib.sha256(got).hexdigest())
 
 
 async def test_replies_come_from_the_address_the_request_went_to(tree: Path) -> None:
@@ -492,7 +495,7 @@ async def test_a_blocked_read_does_not_stall_other_clients(
         t0 = time.monotonic()
         for _ in range(3):
             res = await fetch(addr, "secret-b", windowsize=4, bind=CLIENT_B)
-            assert res.size == 70000
+            assert (res.size, res.sha256) == (70000, file_sha256(tree / CLIENT_B / "secret-b"))
         assert time.monotonic() - t0 < 5
         assert not slow_done.is_set()
         gate.set()
@@ -520,7 +523,7 @@ async def test_read_errors_end_only_that_transfer(
         assert "Input/output error" in exc.value.message
         monkeypatch.undo()
         res = await fetch(addr, "big.bin", blksize=1024, bind=CLIENT_A)
-        assert res.size == 3_000_000
+        assert (res.size, res.sha256) == (3_000_000, file_sha256(tree / CLIENT_A / "big.bin"))
     assert server.stats.errors == 1 and server.stats.completed == 1
     line = next(r for r in caplog.records if "outcome=read-error" in r.getMessage())
     assert line.levelno == logging.WARNING and not line.exc_info
