@@ -31,6 +31,7 @@ import trio
 
 from . import packets
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
+from .pump import Pump
 from .roots import ClientRoots, normalise_ip
 from .session import Session, SessionContext, SessionResult, TransferPolicy
 
@@ -393,42 +394,51 @@ class TftpServer:
         assert self._bound is not None
         raw, self._bound = self._bound, []
         listeners = [trio.socket.from_stdlib_socket(s) for s in raw]
+        policy = self.config.policy
+        pump = Pump(spin_seconds=policy.spin_seconds, spin_max_sessions=policy.spin_max_sessions,
+                    active=lambda: self.stats.active)
         ctx = SessionContext(
-            roots=self._roots, policy=self.config.policy, limiter=self._limiter,
+            roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
             active=lambda: self.stats.active,
         )
         buckets = _TokenBucket(self.config.error_replies_per_second)
         try:
-            async with trio.open_nursery() as sessions:
-                ctx.spawn = sessions.start_soon
-                with trio.CancelScope() as self._listen_scope:
-                    if self._stop_requested:
-                        self._listen_scope.cancel()
-                    async with trio.open_nursery() as listen:
-                        for tsock, rsock in zip(listeners, raw, strict=True):
-                            listen.start_soon(self._listen_loop, tsock, rsock, sessions, ctx,
-                                              buckets)
-                        log.info("listening addresses=%s root=%s mode=%s%s",
-                                 ",".join(f"{h}:{p}" for h, p in self.addresses),
-                                 self.config.root, "flat" if self.config.flat else "per-client",
-                                 f" worker={self.config.worker}" if self.config.worker else "")
-                        task_status.started(list(self.addresses))
-                # Stopped: no new requests; let running transfers finish within the grace.
-                self._stopping = True
-                for sock in listeners:
-                    sock.close()
-                if self.stats.active:
-                    log.info("stopping: waiting for transfers active=%d grace=%.1fs",
-                             self.stats.active, self._grace)
-                    with trio.move_on_after(self._grace):
-                        await self._idle.wait()
+            async with trio.open_nursery() as engine:
+                await engine.start(pump.run)
+                async with trio.open_nursery() as sessions:
+                    ctx.spawn = sessions.start_soon
+                    with trio.CancelScope() as self._listen_scope:
+                        if self._stop_requested:
+                            self._listen_scope.cancel()
+                        async with trio.open_nursery() as listen:
+                            for tsock, rsock in zip(listeners, raw, strict=True):
+                                listen.start_soon(self._listen_loop, tsock, rsock, sessions,
+                                                  ctx, buckets)
+                            log.info("listening addresses=%s root=%s mode=%s%s",
+                                     ",".join(f"{h}:{p}" for h, p in self.addresses),
+                                     self.config.root,
+                                     "flat" if self.config.flat else "per-client",
+                                     f" worker={self.config.worker}" if self.config.worker
+                                     else "")
+                            task_status.started(list(self.addresses))
+                    # Stopped: no new requests; let running transfers finish within the grace.
+                    self._stopping = True
+                    for sock in listeners:
+                        sock.close()
                     if self.stats.active:
-                        log.warning("grace period over: ending transfers active=%d",
-                                    self.stats.active)
-                sessions.cancel_scope.cancel()
+                        log.info("stopping: waiting for transfers active=%d grace=%.1fs",
+                                 self.stats.active, self._grace)
+                        with trio.move_on_after(self._grace):
+                            await self._idle.wait()
+                        if self.stats.active:
+                            log.warning("grace period over: ending transfers active=%d",
+                                        self.stats.active)
+                    sessions.cancel_scope.cancel()
+                engine.cancel_scope.cancel()  # every session has ended: the pump is idle
         finally:
             for sock in listeners:
                 sock.close()
+            pump.close()
         counters = " ".join(f"{k}={v}" for k, v in self.stats.as_dict().items())
         log.info("stopped%s stats=%s",
                  f" worker={self.config.worker}" if self.config.worker else "", counters)

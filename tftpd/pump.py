@@ -1,0 +1,376 @@
+"""One pump per process drives the DATA phase of every transfer.
+
+A boot storm is hundreds of transfers each moving a packet every few microseconds.  Giving
+each its own trio task costs one scheduler round trip per packet; here every live transfer
+socket is registered in one ``epoll`` object whose descriptor trio waits on, so one wake-up
+collects every socket that has ACKs queued, each is drained and answered in the same pass, and
+retransmission deadlines live in one timer heap.  The protocol decisions are all in
+:class:`tftpd.sender.Sender`; this module only moves bytes and time.
+
+File data comes from :class:`tftpd.blocks.BlockSource` (worker threads, read ahead): when a
+block is not read yet, only that transfer waits -- the source calls back when its read is
+done, and the pump picks the transfer up again.
+
+With ``windowsize`` > 1 a window leaves in one ``sendmsg`` with ``UDP_SEGMENT`` (generic
+segmentation offload, Linux >= 4.18): the kernel cuts the buffer into equal datagrams of
+``blksize + 4`` bytes (the last may be shorter).  A socket where the kernel refuses it (no
+checksum offload on the route, a segment larger than the MTU) falls back to one ``send`` per
+datagram for the rest of its transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+from collections.abc import Callable
+
+import trio
+
+from . import packets
+from .blocks import BlockSource
+from .packets import MalformedPacket
+from .sender import Sender
+
+log = logging.getLogger(__name__)
+
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h
+#: Datagrams per GSO send: the kernel's UDP_MAX_SEGMENTS is 64 on older kernels.
+GSO_MAX_SEGMENTS = 64
+#: Largest UDP payload over IPv4 (65535 - 20 - 8): one GSO buffer may not exceed it.
+GSO_MAX_BYTES = 65507
+
+#: A sender only receives ACKs (4 bytes) and ERRORs; anything longer is truncated, harmlessly.
+_RECV_SIZE = 2048
+#: Datagrams drained from one socket per pass, so a flood on one cannot starve the others.
+_DRAIN_MAX = 64
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_ERRORS = select.EPOLLERR | select.EPOLLHUP
+
+
+class PeerGone(Exception):
+    """The client's port answered with ICMP unreachable: it closed or aborted."""
+
+
+class ClientError(Exception):
+    """The client sent an ERROR packet (normal after a tsize probe)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"code={code} message={message!r}")
+        self.code = code
+        self.message = message
+
+
+class TimedOut(Exception):
+    """The retry budget is spent without an ACK."""
+
+
+class Transfer:
+    """The pump's record of one transfer in its DATA phase."""
+
+    __slots__ = ("sock", "fd", "sender", "source", "blksize", "gso", "bytes_sent", "done",
+                 "error", "finished", "timer_at", "want_write", "ignored")
+
+    def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
+                 gso: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.sender = sender
+        self.source = source
+        self.blksize = blksize
+        self.gso = gso
+        self.bytes_sent = 0
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.finished = False
+        self.timer_at: float | None = None
+        self.want_write = False
+        self.ignored = 0  # datagrams that were neither ACK nor ERROR
+
+
+class Pump:
+    """The DATA phase of every transfer of this process, in one task (:meth:`run`)."""
+
+    def __init__(self, *, spin_seconds: float = 0.0, spin_max_sessions: int = 1,
+                 active: Callable[[], int] = lambda: 1) -> None:
+        self._ep = select.epoll()
+        self._by_fd: dict[int, Transfer] = {}
+        self._timers: list[tuple[float, int, Transfer]] = []
+        self._tick = itertools.count()
+        self._runnable: list[Transfer] = []
+        self._wait_scope: trio.CancelScope | None = None
+        self._spin = spin_seconds
+        self._spin_max = spin_max_sessions
+        self._active = active
+        #: Batches handled and datagrams sent (for tests and the curious).
+        self.wakeups = 0
+        self.gso_sends = 0
+
+    def close(self) -> None:
+        self._ep.close()
+
+    # -- transfers (called from session tasks) -----------------------------------------------
+
+    async def transfer(self, sock: socket.socket, sender: Sender, source: BlockSource,
+                       blksize: int, *, gso: bool = True) -> Transfer:
+        """Run the DATA phase of one transfer to its end.
+
+        Returns the record (counters, bytes) when the last block is acknowledged; raises
+        :class:`PeerGone`, :class:`ClientError`, :class:`TimedOut` or the file's ``OSError``
+        otherwise.  Cancelling the caller takes the socket out of the pump (the caller closes
+        it afterwards).
+        """
+        t = Transfer(sock, sender, source, blksize, gso)
+        self._by_fd[t.fd] = t
+        self._ep.register(t.fd, _EPOLLIN)
+        source.on_ready = lambda: self._make_runnable(t)
+        try:
+            # The first window goes out now, from the session's task: no pump round trip.
+            self._advance(t, trio.current_time())
+            self._schedule(t)
+            await t.done.wait()
+        finally:
+            self._detach(t)
+        if t.error is not None:
+            raise t.error
+        return t
+
+    def _make_runnable(self, t: Transfer) -> None:
+        if t.finished:
+            return
+        self._runnable.append(t)
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    def _detach(self, t: Transfer) -> None:
+        t.source.on_ready = None
+        if self._by_fd.get(t.fd) is t:
+            del self._by_fd[t.fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(t.fd)
+        t.finished = True
+        t.timer_at = None
+
+    def _finish(self, t: Transfer, error: BaseException | None = None) -> None:
+        if t.finished:
+            return
+        t.error = error
+        self._detach(t)
+        t.done.set()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every registered transfer until cancelled."""
+        poll = self._ep.poll
+        task_status.started()
+        try:
+            while True:
+                now = trio.current_time()
+                worked = False
+                if self._runnable:
+                    runnable, self._runnable = self._runnable, []
+                    for t in runnable:
+                        if not t.finished:
+                            self._step(t, now, self._advance)
+                    worked = True
+                events = poll(0, 512)
+                if not events and self._spin and self._by_fd and (
+                        self._active() <= self._spin_max):
+                    # Few transfers and a CPU to spare: an ACK microseconds away is cheaper
+                    # to catch by polling than through a scheduler round trip.
+                    spin_until = trio.current_time() + self._spin
+                    while not events and trio.current_time() < spin_until:
+                        events = poll(0, 512)
+                if events:
+                    now = trio.current_time()
+                    self.wakeups += 1
+                    by_fd = self._by_fd
+                    for fd, ev in events:
+                        t = by_fd.get(fd)
+                        if t is not None:
+                            self._step(t, now, self._readable, ev)
+                    worked = True
+                timers = self._timers
+                if timers and timers[0][0] <= now:
+                    while timers and timers[0][0] <= now:
+                        at, _, t = heapq.heappop(timers)
+                        if t.timer_at == at and not t.finished:
+                            t.timer_at = None
+                            self._step(t, now, self._expired)
+                    worked = True
+                if worked:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                deadline = timers[0][0] if timers else float("inf")
+                with trio.move_on_at(deadline) as scope:
+                    self._wait_scope = scope
+                    if not self._runnable:
+                        await trio.lowlevel.wait_readable(self._ep.fileno())
+                self._wait_scope = None
+        finally:
+            # Sessions are cancelled before the pump; anything left must not wait forever.
+            for t in list(self._by_fd.values()):
+                self._finish(t, RuntimeError("transfer pump stopped"))
+
+    def _step(self, t: Transfer, now: float, action: Callable[..., None], *args: object) -> None:
+        """Run one handler for ``t``; whatever it raises ends that transfer only."""
+        try:
+            action(t, now, *args)
+        except (PeerGone, ClientError, TimedOut, OSError) as exc:
+            self._finish(t, exc)
+            return
+        except Exception as exc:  # a bug must end this transfer, not the pump
+            log.exception("transfer pump failed fd=%d", t.fd)
+            self._finish(t, exc)
+            return
+        if t.sender.outcome == "ok":
+            self._finish(t)
+        elif not t.finished:
+            self._schedule(t)
+
+    def _schedule(self, t: Transfer) -> None:
+        """Make sure a timer fires no later than the sender's deadline.  Deadlines mostly move
+        later (every ACK pushes them out), so an entry already in the heap is kept and
+        re-armed when it fires early: about one heap push per RTO, not one per packet."""
+        at = t.sender.deadline
+        if at is None or t.finished:
+            return
+        if t.timer_at is None or at < t.timer_at:
+            t.timer_at = at
+            heapq.heappush(self._timers, (at, next(self._tick), t))
+            scope = self._wait_scope
+            if scope is not None and at < scope.deadline:
+                scope.deadline = at  # the pump sleeps: wake it in time (a session's first send)
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def _readable(self, t: Transfer, now: float, ev: int) -> None:
+        if ev & _EPOLLOUT and t.want_write:
+            t.want_write = False
+            self._ep.modify(t.fd, _EPOLLIN)
+        if ev & (_EPOLLIN | _ERRORS):
+            self._drain(t, now)
+        if t.sender.outcome is None:
+            self._advance(t, now)
+
+    def _drain(self, t: Transfer, now: float) -> None:
+        recv = t.sock.recv
+        sender = t.sender
+        for _ in range(_DRAIN_MAX):
+            try:
+                data = recv(_RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise PeerGone(os.strerror(exc.errno or 0)) from None
+            if len(data) >= 4 and data[0] == 0 and data[1] == packets.OP_ACK:
+                sender.ack((data[2] << 8) | data[3], now)
+                if sender.outcome is not None:
+                    return
+                continue
+            try:
+                packet = packets.parse(data)
+            except MalformedPacket:
+                t.ignored += 1
+                continue
+            if isinstance(packet, packets.Error):
+                raise ClientError(packet.code, packet.message)
+            t.ignored += 1
+
+    def _expired(self, t: Transfer, now: float) -> None:
+        if t.sender.deadline is None or t.sender.deadline > now:
+            self._schedule(t)
+            return
+        if not t.sender.timeout(now):
+            raise TimedOut
+        self._advance(t, now)
+
+    def _advance(self, t: Transfer, now: float) -> None:
+        """Send what the sender says is due, as far as the file is read."""
+        sender = t.sender
+        if t.want_write:
+            return
+        due = sender.to_send()
+        if due is None:
+            return
+        first, last = due
+        blksize = t.blksize
+        t.source.release_before(sender.base)
+        poll = t.source.poll
+        header = packets.data_header
+        datagrams: list[bytes] = []
+        final = False
+        for seq in range(first, last + 1):
+            data = poll(seq)
+            if data is None:
+                break  # on_ready brings us back
+            datagrams.append(header(seq) + data)
+            if len(data) < blksize:
+                final = True
+                break
+        if not datagrams:
+            return
+        sent = self._send(t, datagrams)
+        if sent:
+            old_upto = sender.sent_upto
+            for i in range(max(0, old_upto + 1 - first), sent):
+                t.bytes_sent += len(datagrams[i]) - 4
+            sender.sent(first, first + sent - 1, now,
+                        final=final and sent == len(datagrams))
+
+    def _send(self, t: Transfer, datagrams: list[bytes]) -> int:
+        """Put ``datagrams`` on the wire; returns how many went (the rest when writable)."""
+        sock = t.sock
+        n = len(datagrams)
+        i = 0
+        if t.gso and n > 1:
+            seg = len(datagrams[0])
+            per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg)
+            if per > 1:
+                opt = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg))]
+                while n - i > 1:
+                    k = min(per, n - i)
+                    try:
+                        sock.sendmsg([b"".join(datagrams[i:i + k])], opt)
+                    except BlockingIOError:
+                        self._want_write(t)
+                        return i
+                    except OSError as exc:
+                        if exc.errno == errno.ENOBUFS:
+                            i += k  # dropped locally: the retransmission timer recovers it
+                            continue
+                        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH,
+                                         errno.ENETUNREACH, errno.EHOSTDOWN):
+                            raise PeerGone(os.strerror(exc.errno)) from None
+                        # The kernel will not segment for this route: one send() each.
+                        log.debug("UDP GSO refused fd=%d error=%s: sending per datagram",
+                                  t.fd, exc.strerror)
+                        t.gso = False
+                        break
+                    self.gso_sends += 1
+                    i += k
+        send = sock.send
+        while i < n:
+            try:
+                send(datagrams[i])
+            except BlockingIOError:
+                self._want_write(t)
+                return i
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+            i += 1
+        return n
+
+    def _want_write(self, t: Transfer) -> None:
+        t.want_write = True
+        self._ep.modify(t.fd, _EPOLLIN | _EPOLLOUT)
