@@ -57,7 +57,8 @@ class Running:
 
 
 def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
-                  max_clients: int, workers: int = 1, cpu: str | None = None) -> list[Running]:
+                  max_clients: int, workers: int | None = None,
+                  cpu: str | None = None) -> list[Running]:
     """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
 
     All get the same limits where they have them: block sizes up to 65464, at least
@@ -71,7 +72,8 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                            "--listen", "127.0.0.1:6901", "--blksize-max", "65464",
                            "--max-sessions", str(4 * max_clients),
                            "--max-sessions-per-ip", str(2 * max_clients),
-                           "--workers", str(workers), "--log-level", "WARNING"]),
+                           *(["--workers", str(workers)] if workers else []),
+                           "--log-level", "WARNING"]),
         "tftpd-hpa": (6902, [str(bins["tftpd-hpa"]), "-L", "-a", "127.0.0.1:6902", "-s",
                              "-u", "root", "-B", "65464", str(served)]),
         "atftpd": (6903, [str(bins["atftpd"]), "--daemon", "--no-fork", "--port", "6903",

@@ -178,6 +178,11 @@ class BlockSource:
         """Block ``seq`` if it can be had without waiting, else None -- and then a read is in
         flight and ``on_ready`` will be called when it is done (the pump's path).  Raises the
         read's ``OSError`` if the read behind this block failed."""
+        i = (seq - 1) * self._blksize - self._buf_off
+        if i >= 0:  # the hot path, inlined peek()
+            end = i + self._blksize
+            if end <= len(self._buf) or self._eof:
+                return self._buf[i:end]
         data = self.peek(seq)
         while data is None:
             pending = self._pending

@@ -21,6 +21,7 @@ import trio
 
 from vfsroot.systemd import notify
 
+from .limits import SessionLimits
 from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
 from .server import ConfigError, ServerConfig, TftpServer, parse_listen, systemd_fds
 from .session import TransferPolicy
@@ -102,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, time running transfers get to finish")
     p.add_argument("--follow-outside-symlinks", action="store_true",
                    help="serve symlinks that point outside the client's directory")
-    p.add_argument("--workers", type=_bounded(1, 64), default=1,
+    p.add_argument("--workers", type=_bounded(1, 64), default=None,
                    help="server processes sharing the listen address (SO_REUSEPORT); limits "
-                        "apply per worker (default 1)")
+                        "apply per worker (default: one per CPU; 1 with --listen systemd)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -155,6 +156,7 @@ async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
             notify("READY=1")
             stopping = False
             async for signum in signals:
+                server.limits.stop()  # before the workers hear of it: no request slips in
                 for pid in children:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
@@ -169,6 +171,17 @@ async def _run(server: TftpServer, children: tuple[int, ...] = ()) -> None:
                     nursery.cancel_scope.cancel()
 
 
+def default_workers(config: ServerConfig, asked: int | None) -> int:
+    """``--workers`` as given, else one process per CPU: one Python process uses one CPU, and
+    a boot storm is many independent transfers the kernel spreads over the workers.  A
+    socket-activated server has one inherited socket, which cannot be shared out: 1."""
+    if asked is not None:
+        return asked
+    if config.inherited_fds:
+        return 1
+    return max(1, min(64, len(os.sched_getaffinity(0))))
+
+
 def _start_workers(config: ServerConfig, count: int) -> tuple[TftpServer, tuple[int, ...]]:
     """Bind every worker's sockets in this process (errors stay one clear line), then fork
     workers 2..count; returns this process's server and the children's pids."""
@@ -178,7 +191,9 @@ def _start_workers(config: ServerConfig, count: int) -> tuple[TftpServer, tuple[
         return server, ()
     if config.inherited_fds:
         raise ConfigError("--workers > 1 needs --listen ADDR:PORT (systemd passes one socket)")
+    limits = SessionLimits(config.max_sessions, config.max_sessions_per_ip, shared=True)
     first = TftpServer(replace(config, reuse_port=True, worker=f"1/{count}"))
+    first.share_limits(limits)
     first.bind()
     specs = first.bound_specs()
     others = []
@@ -186,6 +201,7 @@ def _start_workers(config: ServerConfig, count: int) -> tuple[TftpServer, tuple[
         for i in range(2, count + 1):
             srv = TftpServer(replace(config, listen=specs, reuse_port=True,
                                      worker=f"{i}/{count}"))
+            srv.share_limits(limits)
             srv.bind()
             others.append(srv)
     except BaseException:
@@ -248,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if not config.root.is_dir():
             log.warning("root is not a directory (yet) root=%s", config.root)
-        server, children = _start_workers(config, args.workers)
+        server, children = _start_workers(config, default_workers(config, args.workers))
     except ConfigError as exc:
         print(f"vfsroot-tftpd: {exc}", file=sys.stderr)
         return 1

@@ -2,7 +2,8 @@
 
 tftpy (``tftpy.TftpPacketTypes``) is the packet layer we build on: its opcodes, error codes and
 encoders are used wherever they are right.  Its decoders are not fit for a server that faces
-real firmware and hostile datagrams (FIELD.md), so parsing is done here, into immutable values:
+real firmware and hostile datagrams (docs/clients.md), so parsing is done here, into immutable
+values:
 
 * ERROR code 0 raises ``KeyError`` in tftpy and custom error text is dropped on encode -> we
   encode ERROR ourselves with the caller's message, for every code.

@@ -5,8 +5,8 @@ Boot clients spell the same file many ways: iPXE sends a leading ``/``, Windows 
 name is normalised to a plain relative POSIX path.  Anything that could leave the client's
 directory is refused here, before the filesystem sees it: the kernel resolves ``..`` above
 ``/run/vfsroot/<ip>/`` on its own, so a ``..`` that reached ``open()`` would read *another
-client's* tree (the tftpd-hpa map-file hole in FIELD.md).  Refusal is by construction: no path
-with a ``..`` segment, a control character or an over-long component is ever joined to a root.
+client's* tree (the tftpd-hpa map-file hole, docs/clients.md).  Refusal is by construction: no
+path with a ``..`` segment, a control character or an over-long component is ever joined to a root.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 import trio
@@ -49,8 +50,8 @@ GSO_MAX_BYTES = 65507
 
 #: A sender only receives ACKs (4 bytes) and ERRORs; anything longer is truncated, harmlessly.
 _RECV_SIZE = 2048
-#: Datagrams drained from one socket per pass, so a flood on one cannot starve the others.
-_DRAIN_MAX = 64
+#: Longest stretch the pump polls without letting other trio tasks run, seconds.
+_YIELD_EVERY = 0.002
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _ERRORS = select.EPOLLERR | select.EPOLLHUP
@@ -134,7 +135,7 @@ class Pump:
         source.on_ready = lambda: self._make_runnable(t)
         try:
             # The first window goes out now, from the session's task: no pump round trip.
-            self._advance(t, trio.current_time())
+            self._advance(t, time.perf_counter())
             self._schedule(t)
             await t.done.wait()
         finally:
@@ -169,48 +170,30 @@ class Pump:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve every registered transfer until cancelled."""
-        poll = self._ep.poll
+        """Serve every registered transfer until cancelled.
+
+        While there is work the pump keeps polling its epoll object without a trio round
+        trip, yielding to trio at least every ``_YIELD_EVERY`` seconds (new requests, reads
+        finishing); when a pass finds nothing it sleeps in trio until a socket is readable,
+        the next retransmission is due or a read-ahead completes.
+        """
         task_status.started()
+        clock = time.perf_counter
         try:
             while True:
-                now = trio.current_time()
+                yield_at = clock() + _YIELD_EVERY
                 worked = False
-                if self._runnable:
-                    runnable, self._runnable = self._runnable, []
-                    for t in runnable:
-                        if not t.finished:
-                            self._step(t, now, self._advance)
+                while self._pass(clock()):
                     worked = True
-                events = poll(0, 512)
-                if not events and self._spin and self._by_fd and (
-                        self._active() <= self._spin_max):
-                    # Few transfers and a CPU to spare: an ACK microseconds away is cheaper
-                    # to catch by polling than through a scheduler round trip.
-                    spin_until = trio.current_time() + self._spin
-                    while not events and trio.current_time() < spin_until:
-                        events = poll(0, 512)
-                if events:
-                    now = trio.current_time()
-                    self.wakeups += 1
-                    by_fd = self._by_fd
-                    for fd, ev in events:
-                        t = by_fd.get(fd)
-                        if t is not None:
-                            self._step(t, now, self._readable, ev)
-                    worked = True
-                timers = self._timers
-                if timers and timers[0][0] <= now:
-                    while timers and timers[0][0] <= now:
-                        at, _, t = heapq.heappop(timers)
-                        if t.timer_at == at and not t.finished:
-                            t.timer_at = None
-                            self._step(t, now, self._expired)
-                    worked = True
+                    if clock() >= yield_at:
+                        break
                 if worked:
                     await trio.lowlevel.checkpoint()
                     continue
-                deadline = timers[0][0] if timers else float("inf")
+                timers = self._timers
+                deadline = float("inf")
+                if timers:
+                    deadline = timers[0][0] - clock() + trio.current_time()
                 with trio.move_on_at(deadline) as scope:
                     self._wait_scope = scope
                     if not self._runnable:
@@ -221,10 +204,48 @@ class Pump:
             for t in list(self._by_fd.values()):
                 self._finish(t, RuntimeError("transfer pump stopped"))
 
-    def _step(self, t: Transfer, now: float, action: Callable[..., None], *args: object) -> None:
+    def _pass(self, now: float) -> bool:
+        """One pass over what is ready: woken transfers, readable sockets, due timers.
+        Returns whether there was anything."""
+        worked = False
+        if self._runnable:
+            runnable, self._runnable = self._runnable, []
+            for t in runnable:
+                if not t.finished:
+                    self._step(t, now, self._advance)
+            worked = True
+        events = self._ep.poll(0, 512)
+        if not events and self._spin and self._by_fd and self._active() <= self._spin_max:
+            # Few transfers and a CPU to spare: an ACK microseconds away is cheaper to catch
+            # by polling than through a scheduler round trip.
+            clock = time.perf_counter
+            spin_until = clock() + self._spin
+            while not events and clock() < spin_until:
+                events = self._ep.poll(0, 512)
+            now = clock()
+        if events:
+            self.wakeups += 1
+            by_fd = self._by_fd
+            event = self._event
+            for fd, ev in events:
+                t = by_fd.get(fd)
+                if t is not None:
+                    event(t, now, ev)
+            worked = True
+        timers = self._timers
+        if timers and timers[0][0] <= now:
+            while timers and timers[0][0] <= now:
+                at, _, t = heapq.heappop(timers)
+                if t.timer_at == at and not t.finished:
+                    t.timer_at = None
+                    self._step(t, now, self._expired)
+            worked = True
+        return worked
+
+    def _step(self, t: Transfer, now: float, action: Callable[[Transfer, float], None]) -> None:
         """Run one handler for ``t``; whatever it raises ends that transfer only."""
         try:
-            action(t, now, *args)
+            action(t, now)
         except (PeerGone, ClientError, TimedOut, OSError) as exc:
             self._finish(t, exc)
             return
@@ -248,43 +269,71 @@ class Pump:
             t.timer_at = at
             heapq.heappush(self._timers, (at, next(self._tick), t))
             scope = self._wait_scope
-            if scope is not None and at < scope.deadline:
-                scope.deadline = at  # the pump sleeps: wake it in time (a session's first send)
+            if scope is not None:
+                # The pump sleeps: wake it in time (a session's first send).
+                trio_at = at - time.perf_counter() + trio.current_time()
+                if trio_at < scope.deadline:
+                    scope.deadline = trio_at
 
     # -- handlers --------------------------------------------------------------------------------
 
-    def _readable(self, t: Transfer, now: float, ev: int) -> None:
-        if ev & _EPOLLOUT and t.want_write:
-            t.want_write = False
-            self._ep.modify(t.fd, _EPOLLIN)
-        if ev & (_EPOLLIN | _ERRORS):
-            self._drain(t, now)
-        if t.sender.outcome is None:
-            self._advance(t, now)
+    def _event(self, t: Transfer, now: float, ev: int) -> None:
+        """A socket is ready: take one datagram, feed it to the sender, send what is due.
 
-    def _drain(self, t: Transfer, now: float) -> None:
-        recv = t.sock.recv
+        The hot path of every transfer (one call per ACK), so the common case -- an ACK --
+        is handled inline; epoll is level-triggered, so a socket with more datagrams queued
+        is simply reported again in the next pass (fair to the others, and no ``recv`` that
+        fails with EAGAIN, an exception per packet, in lock-step where one ACK is all there
+        is).
+        """
         sender = t.sender
-        for _ in range(_DRAIN_MAX):
-            try:
-                data = recv(_RECV_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                raise PeerGone(os.strerror(exc.errno or 0)) from None
-            if len(data) >= 4 and data[0] == 0 and data[1] == packets.OP_ACK:
-                sender.ack((data[2] << 8) | data[3], now)
-                if sender.outcome is not None:
-                    return
-                continue
-            try:
-                packet = packets.parse(data)
-            except MalformedPacket:
-                t.ignored += 1
-                continue
-            if isinstance(packet, packets.Error):
-                raise ClientError(packet.code, packet.message)
+        try:
+            if ev & _EPOLLOUT and t.want_write:
+                t.want_write = False
+                self._ep.modify(t.fd, _EPOLLIN)
+            due = None
+            if ev & (_EPOLLIN | _ERRORS):
+                try:
+                    data = t.sock.recv(_RECV_SIZE)
+                except BlockingIOError:
+                    data = b""
+                except OSError as exc:
+                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+                if len(data) >= 4 and data[1] == packets.OP_ACK and data[0] == 0:
+                    due = sender.on_ack((data[2] << 8) | data[3], now)
+                    if sender.outcome is not None:
+                        self._finish(t)
+                        return
+                else:
+                    if data:
+                        self._not_ack(t, data)
+                    due = sender.to_send()
+            else:
+                due = sender.to_send()
+            if due is not None and not t.want_write:
+                self._transmit(t, due, now)
+        except (PeerGone, ClientError, OSError) as exc:
+            self._finish(t, exc)
+            return
+        except Exception as exc:  # a bug must end this transfer, not the pump
+            log.exception("transfer pump failed fd=%d", t.fd)
+            self._finish(t, exc)
+            return
+        at = sender.deadline
+        if at is not None and (t.timer_at is None or at < t.timer_at):
+            self._schedule(t)
+
+    @staticmethod
+    def _not_ack(t: Transfer, data: bytes) -> None:
+        """Anything but an ACK from the client: ERROR ends the transfer, the rest is noise."""
+        try:
+            packet = packets.parse(data)
+        except MalformedPacket:
             t.ignored += 1
+            return
+        if isinstance(packet, packets.Error):
+            raise ClientError(packet.code, packet.message)
+        t.ignored += 1
 
     def _expired(self, t: Transfer, now: float) -> None:
         if t.sender.deadline is None or t.sender.deadline > now:
@@ -295,17 +344,35 @@ class Pump:
         self._advance(t, now)
 
     def _advance(self, t: Transfer, now: float) -> None:
-        """Send what the sender says is due, as far as the file is read."""
+        """Send what the sender says is due (after a timeout, or once a read is done)."""
+        due = t.sender.to_send()
+        if due is not None and not t.want_write:
+            self._transmit(t, due, now)
+
+    def _transmit(self, t: Transfer, due: tuple[int, int], now: float) -> None:
+        """Send blocks ``due`` as far as the file is read (the rest once ``on_ready`` fires)."""
         sender = t.sender
-        if t.want_write:
-            return
-        due = sender.to_send()
-        if due is None:
-            return
         first, last = due
+        source = t.source
         blksize = t.blksize
-        t.source.release_before(sender.base)
-        poll = t.source.poll
+        source.release_before(sender.base)
+        if first == last:  # lock-step, or one block due: the hot path
+            data = source.poll(first)
+            if data is None:
+                return
+            try:
+                t.sock.send(packets.data_header(first) + data)
+            except BlockingIOError:
+                self._want_write(t)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:  # ENOBUFS: dropped locally, like a lost packet
+                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+            if first > sender.sent_upto:
+                t.bytes_sent += len(data)
+            sender.sent(first, first, now, final=len(data) < blksize)
+            return
+        poll = source.poll
         header = packets.data_header
         datagrams: list[bytes] = []
         final = False
@@ -321,11 +388,9 @@ class Pump:
             return
         sent = self._send(t, datagrams)
         if sent:
-            old_upto = sender.sent_upto
-            for i in range(max(0, old_upto + 1 - first), sent):
+            for i in range(max(0, sender.sent_upto + 1 - first), sent):
                 t.bytes_sent += len(datagrams[i]) - 4
-            sender.sent(first, first + sent - 1, now,
-                        final=final and sent == len(datagrams))
+            sender.sent(first, first + sent - 1, now, final=final and sent == len(datagrams))
 
     def _send(self, t: Transfer, datagrams: list[bytes]) -> int:
         """Put ``datagrams`` on the wire; returns how many went (the rest when writable)."""

@@ -126,6 +126,17 @@ class Sender:
     def sent(self, first: int, last: int, now: float, *, final: bool = False) -> None:
         """The driver transmitted blocks ``first..last`` (a prefix of :meth:`to_send`);
         ``final``: block ``last`` was shorter than blksize, the end of the file."""
+        if (first == self.sent_upto + 1 and first == self.resend_from and not final
+                and last - self.base < self.windowsize):
+            # The hot path: new blocks, in order, inside the window.
+            self.counters.blocks += last - first + 1
+            self.sent_upto = last
+            self.resend_from = last + 1
+            if first == self.base:
+                self._window_sent_at = now
+            self._last_tx = now
+            self.deadline = now + self.rto
+            return
         if last < first:
             return
         if first != self.resend_from or last > self.window_end():
@@ -147,6 +158,26 @@ class Sender:
         self.deadline = now + self.rto
 
     # -- events ----------------------------------------------------------------------------
+
+    def on_ack(self, block: int, now: float) -> tuple[int, int] | None:
+        """:meth:`ack` then :meth:`to_send`, with the common case inlined: the ACK of the
+        newest block sent, which acknowledges the whole window (every lock-step ACK)."""
+        upto = self.sent_upto
+        if (block == upto & 0xFFFF and upto >= self.base and self.final is None
+                and self.outcome is None):
+            # ``upto - (base - 1)`` is in 1..windowsize, so this wire number maps to ``upto``.
+            if self._window_clean:
+                sample = now - self._last_tx
+                old = self.srtt
+                self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
+            base = upto + 1
+            self.base = self.resend_from = base
+            self._tries = 0
+            self._window_clean = True
+            self.deadline = None
+            return base, base + self.windowsize - 1
+        self.ack(block, now)
+        return self.to_send()
 
     def ack(self, block: int, now: float) -> str:
         """An ACK with wire block number ``block`` arrived at ``now``."""

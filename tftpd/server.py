@@ -23,13 +23,13 @@ import os
 import random
 import socket
 import struct
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import trio
 
 from . import packets
+from .limits import BUSY, PER_IP, SessionLimits
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
 from .pump import Pump
 from .roots import ClientRoots, normalise_ip
@@ -249,7 +249,9 @@ class TftpServer:
         )
         self._limiter = trio.CapacityLimiter(config.read_threads)
         self._active: dict[tuple[str, int], Session] = {}
-        self._per_ip: Counter[str] = Counter()
+        #: Admission (limits, stop flag); :meth:`share_limits` replaces it with one shared by
+        #: every worker process.
+        self.limits = SessionLimits(config.max_sessions, config.max_sessions_per_ip)
         self._listen_scope: trio.CancelScope | None = None
         self._idle = trio.Event()
         self._idle.set()
@@ -257,6 +259,11 @@ class TftpServer:
         self._stopping = False
         self._stop_requested = False
         self._bound: list[socket.socket] | None = None
+
+    def share_limits(self, limits: SessionLimits) -> None:
+        """Use ``limits`` (created before the workers were forked) instead of our own, so the
+        limits and the stop hold for the whole server, not per worker."""
+        self.limits = limits
 
     def bound_specs(self) -> tuple[ListenSpec, ...]:
         """The listen sockets as specs with real ports (for more workers on the same ports)."""
@@ -449,9 +456,11 @@ class TftpServer:
             await self._idle.wait()
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting requests; running transfers get ``grace`` seconds to finish."""
+        """Stop accepting requests; running transfers get ``grace`` seconds to finish.  With
+        shared limits, every worker stops accepting at once."""
         if grace is not None:
             self._grace = grace
+        self.limits.stop()
         self._stop_requested = True
         if self._listen_scope is not None:
             self._listen_scope.cancel()
@@ -528,10 +537,11 @@ class TftpServer:
             log.debug("retransmitted request ignored client=%s port=%d file=%s", client, port,
                       _loggable(packet.filename))
             return
-        if self._stopping:
+        if self._stopping or self.limits.stopping:
             return
         cfg = self.config
-        if len(self._active) >= cfg.max_sessions:
+        refused = self.limits.admit(client)
+        if refused == BUSY:
             self.stats.busy_rejections += 1
             log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
                         _loggable(packet.filename), cfg.max_sessions)
@@ -539,7 +549,7 @@ class TftpServer:
                               f"server busy: {cfg.max_sessions} transfers running, retry later",
                               bucket, dest)
             return
-        if self._per_ip[client] >= cfg.max_sessions_per_ip:
+        if refused == PER_IP:
             self.stats.busy_rejections += 1
             log.warning("busy: per-client limit reached client=%s file=%s limit=%d", client,
                         _loggable(packet.filename), cfg.max_sessions_per_ip)
@@ -557,6 +567,7 @@ class TftpServer:
         try:
             ssock = self._session_socket(local, ifindex, client, port)
         except OSError as exc:
+            self.limits.release(client)
             log.error("cannot open a session socket client=%s local=%s error=%s", client,
                       local, exc.strerror or exc)
             self._reply_error(sock, addr, ERR_NOT_DEFINED, "server cannot open a transfer port",
@@ -564,7 +575,6 @@ class TftpServer:
             return
         session = Session(ctx, packet, client, port, local or "", ssock)
         self._active[key] = session
-        self._per_ip[client] += 1
         self.stats.active += 1
         self._idle = trio.Event() if self.stats.active == 1 else self._idle
         sessions.start_soon(self._run_session, key, session)
@@ -575,9 +585,7 @@ class TftpServer:
             result = await session.run()
         finally:
             del self._active[key]
-            self._per_ip[key[0]] -= 1
-            if not self._per_ip[key[0]]:
-                del self._per_ip[key[0]]
+            self.limits.release(key[0])
             self.stats.active -= 1
             if not self.stats.active:
                 self._idle.set()

@@ -54,7 +54,7 @@ def test_error_keeps_code_zero_and_custom_text(code: int, message: str) -> None:
 
 
 def test_tftpy_gaps_that_the_adapter_fixes() -> None:
-    """Each of these is a documented tftpy failure (FIELD.md); the adapter must not have it."""
+    """Each of these is a documented tftpy failure (docs/tftpd.md); the adapter must not have it."""
     err0 = TftpPacketERR()
     err0.errorcode = 0
     with pytest.raises(KeyError):
