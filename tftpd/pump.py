@@ -111,8 +111,10 @@ class Pump:
         self._spin = spin_seconds
         self._spin_max = spin_max_sessions
         self._active = active
-        #: Batches handled and datagrams sent (for tests and the curious).
+        #: Passes that found ready sockets, DATA datagrams sent, ``sendmsg`` calls that carried
+        #: several of them (UDP GSO): for tests and the curious.
         self.wakeups = 0
+        self.datagrams = 0
         self.gso_sends = 0
 
     def close(self) -> None:
@@ -368,6 +370,7 @@ class Pump:
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:  # ENOBUFS: dropped locally, like a lost packet
                     raise PeerGone(os.strerror(exc.errno or 0)) from None
+            self.datagrams += 1
             if first > sender.sent_upto:
                 t.bytes_sent += len(data)
             sender.sent(first, first, now, final=len(data) < blksize)
@@ -387,6 +390,7 @@ class Pump:
         if not datagrams:
             return
         sent = self._send(t, datagrams)
+        self.datagrams += sent
         if sent:
             for i in range(max(0, sender.sent_upto + 1 - first), sent):
                 t.bytes_sent += len(datagrams[i]) - 4

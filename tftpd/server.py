@@ -259,6 +259,8 @@ class TftpServer:
         self._stopping = False
         self._stop_requested = False
         self._bound: list[socket.socket] | None = None
+        #: The DATA-phase pump while :meth:`run` runs (its counters: batches, GSO sends).
+        self.pump: Pump | None = None
 
     def share_limits(self, limits: SessionLimits) -> None:
         """Use ``limits`` (created before the workers were forked) instead of our own, so the
@@ -402,8 +404,9 @@ class TftpServer:
         raw, self._bound = self._bound, []
         listeners = [trio.socket.from_stdlib_socket(s) for s in raw]
         policy = self.config.policy
-        pump = Pump(spin_seconds=policy.spin_seconds, spin_max_sessions=policy.spin_max_sessions,
-                    active=lambda: self.stats.active)
+        self.pump = pump = Pump(spin_seconds=policy.spin_seconds,
+                                spin_max_sessions=policy.spin_max_sessions,
+                                active=lambda: self.stats.active)
         ctx = SessionContext(
             roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
             active=lambda: self.stats.active,
