@@ -184,12 +184,12 @@ class Pump:
         try:
             while True:
                 yield_at = clock() + _YIELD_EVERY
-                worked = False
+                busy = False
                 while self._pass(clock()):
-                    worked = True
                     if clock() >= yield_at:
+                        busy = True
                         break
-                if worked:
+                if busy:  # still work to do: let the other tasks in, then go on
                     await trio.lowlevel.checkpoint()
                     continue
                 timers = self._timers
