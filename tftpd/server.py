@@ -360,7 +360,7 @@ class TftpServer:
                         port: int) -> socket.socket:
         """A non-blocking socket bound to ``local`` (port from the range) and connected to the
         client."""
-        v4 = ipaddress.ip_address(client).version == 4
+        v4 = ":" not in client  # normalised: dotted quad or IPv6 text
         family = socket.AF_INET if v4 else socket.AF_INET6
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -564,8 +564,7 @@ class TftpServer:
         local, ifindex = dest if dest is not None else (None, 0)
         if local is None and bound_host not in ("0.0.0.0", "::"):
             local = normalise_ip(bound_host)
-        if local is not None and ipaddress.ip_address(local).version != ipaddress.ip_address(
-                client).version:
+        if local is not None and (":" in local) != (":" in client):
             local = None
         try:
             ssock = self._session_socket(local, ifindex, client, port)
