@@ -104,6 +104,9 @@ class BlockSource:
         self._next_error: Exception | None = None
         #: Called (on the event loop) when a read-ahead finishes: the pump's wake-up.
         self.on_ready: Callable[[], None] | None = None
+        #: The highest block acknowledged, asked when a chunk is appended (instead of a
+        #: :meth:`release_before` call per packet).
+        self.acked: Callable[[], int] | None = None
         if whole_file is not None:  # read together with the open (small files)
             self._buf = netascii_encode(whole_file) if netascii else whole_file
             self._raw_off = len(whole_file)
@@ -217,6 +220,8 @@ class BlockSource:
         self._append(data, self._chunk)
 
     def _append(self, data: bytes, want: int) -> None:
+        if self.acked is not None:
+            self.release_before(self.acked() + 1)
         self._raw_off += len(data)
         if len(data) < want:
             self._eof = True

@@ -53,6 +53,7 @@ _RECV_SIZE = 2048
 #: Longest stretch the pump polls without letting other trio tasks run, seconds.
 _YIELD_EVERY = 0.002
 _EPOLLIN = select.EPOLLIN
+_data_header = packets.data_header
 _EPOLLOUT = select.EPOLLOUT
 _ERRORS = select.EPOLLERR | select.EPOLLHUP
 
@@ -132,6 +133,7 @@ class Pump:
         it afterwards).
         """
         t = Transfer(sock, sender, source, blksize, gso)
+        source.acked = lambda: sender.base - 1  # what read-ahead may drop from its buffer
         self._by_fd[t.fd] = t
         self._ep.register(t.fd, _EPOLLIN)
         source.on_ready = lambda: self._make_runnable(t)
@@ -313,7 +315,24 @@ class Pump:
             else:
                 due = sender.to_send()
             if due is not None and not t.want_write:
-                self._transmit(t, due, now)
+                first = due[0]
+                if first == due[1]:  # lock-step (or one block due): inlined _transmit
+                    data = t.source.poll(first)
+                    if data is not None:
+                        try:
+                            t.sock.send(_data_header(first) + data)
+                        except BlockingIOError:
+                            self._want_write(t)
+                            return
+                        except OSError as exc:
+                            if exc.errno != errno.ENOBUFS:
+                                raise PeerGone(os.strerror(exc.errno or 0)) from None
+                        self.datagrams += 1
+                        if first > sender.sent_upto:
+                            t.bytes_sent += len(data)
+                        sender.sent(first, first, now, final=len(data) < t.blksize)
+                else:
+                    self._transmit(t, due, now)
         except (PeerGone, ClientError, OSError) as exc:
             self._finish(t, exc)
             return
@@ -357,7 +376,6 @@ class Pump:
         first, last = due
         source = t.source
         blksize = t.blksize
-        source.release_before(sender.base)
         if first == last:  # lock-step, or one block due: the hot path
             data = source.poll(first)
             if data is None:
