@@ -219,9 +219,9 @@ class Pump:
                     self._step(t, now, self._advance)
             worked = True
         events = self._ep.poll(0, 512)
-        if not events and self._spin and self._by_fd and self._active() <= self._spin_max:
-            # Few transfers and a CPU to spare: an ACK microseconds away is cheaper to catch
-            # by polling than through a scheduler round trip.
+        if not events and self._spin and self._by_fd and self._spin_pays():
+            # Few transfers, a CPU to spare and ACKs that come back within microseconds: one
+            # is cheaper to catch by polling than through a sleep and a scheduler round trip.
             clock = time.perf_counter
             spin_until = clock() + self._spin
             while not events and clock() < spin_until:
@@ -245,6 +245,19 @@ class Pump:
                     self._step(t, now, self._expired)
             worked = True
         return worked
+
+    def _spin_pays(self) -> bool:
+        """Busy-poll only while at most ``spin_max_sessions`` transfers run and each one's
+        smoothed RTT is shorter than the spin: then an ACK is likely to arrive within it.
+        A storm (many transfers) or a client across a real network (RTT of a millisecond)
+        never makes the pump spin."""
+        if len(self._by_fd) > self._spin_max or self._active() > self._spin_max:
+            return False
+        for t in self._by_fd.values():
+            srtt = t.sender.srtt
+            if srtt is None or srtt > self._spin:
+                return False
+        return True
 
     def _step(self, t: Transfer, now: float, action: Callable[[Transfer, float], None]) -> None:
         """Run one handler for ``t``; whatever it raises ends that transfer only."""
