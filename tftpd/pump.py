@@ -123,21 +123,26 @@ class Pump:
 
     # -- transfers (called from session tasks) -----------------------------------------------
 
-    async def transfer(self, sock: socket.socket, sender: Sender, source: BlockSource,
-                       blksize: int, *, gso: bool = True) -> Transfer:
-        """Run the DATA phase of one transfer to its end.
+    def add(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int, *,
+            gso: bool = True) -> Transfer:
+        """The record of a transfer about to enter its DATA phase (run it with
+        :meth:`transfer`); the caller reads its byte count however the transfer ends."""
+        return Transfer(sock, sender, source, blksize, gso)
 
-        Returns the record (counters, bytes) when the last block is acknowledged; raises
-        :class:`PeerGone`, :class:`ClientError`, :class:`TimedOut` or the file's ``OSError``
-        otherwise.  Cancelling the caller takes the socket out of the pump (the caller closes
-        it afterwards).
+    async def transfer(self, t: Transfer) -> None:
+        """Run the DATA phase of ``t`` to its end.
+
+        Returns when the last block is acknowledged; raises :class:`PeerGone`,
+        :class:`ClientError`, :class:`TimedOut` or the file's ``OSError`` otherwise.
+        Cancelling the caller takes the socket out of the pump (the caller closes it
+        afterwards).
         """
-        t = Transfer(sock, sender, source, blksize, gso)
+        sender, source = t.sender, t.source
         source.acked = lambda: sender.base - 1  # what read-ahead may drop from its buffer
-        self._by_fd[t.fd] = t
-        self._ep.register(t.fd, _EPOLLIN)
         source.on_ready = lambda: self._make_runnable(t)
+        self._by_fd[t.fd] = t
         try:
+            self._ep.register(t.fd, _EPOLLIN)
             # The first window goes out now, from the session's task: no pump round trip.
             self._advance(t, time.perf_counter())
             self._schedule(t)
@@ -146,7 +151,6 @@ class Pump:
             self._detach(t)
         if t.error is not None:
             raise t.error
-        return t
 
     def _make_runnable(self, t: Transfer) -> None:
         if t.finished:

@@ -309,13 +309,14 @@ class Session:
         sender = Sender(neg.windowsize, rto, self._policy.retries,
                         holdoff_min=self._policy.resend_holdoff_min)
         self._sender = sender
+        pump = self._ctx.pump
+        transfer = pump.add(self._sock, sender, source, neg.blksize, gso=self._policy.gso)
         try:
-            done = await self._ctx.pump.transfer(self._sock, sender, source, neg.blksize,
-                                                 gso=self._policy.gso)
+            await pump.transfer(transfer)
         finally:
             self._collect(sender)
-        self.result.bytes_sent += done.bytes_sent
-        self.result.ignored_acks += done.ignored
+            self.result.bytes_sent += transfer.bytes_sent
+            self.result.ignored_acks += transfer.ignored
 
     def _mtu_cap(self) -> int | None:
         if not self._policy.mtu_clamp:
