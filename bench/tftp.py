@@ -182,9 +182,9 @@ def run(args: argparse.Namespace) -> None:
                             nowindow.add((row, s.name))
                 for n in (16, 64):
                     for s in order:
-                        cpu0 = tftp_peers.cpu_seconds(s.pid)
+                        cpu0 = tftp_peers.server_cpu_seconds(s)
                         c = concurrent(s.port, n, small, digests["small.bin"], outdir)
-                        cpu = tftp_peers.cpu_seconds(s.pid) - cpu0
+                        cpu = tftp_peers.server_cpu_seconds(s) - cpu0
                         record(f"{n} clients x {args.concurrent_mib} MiB aggregate MB/s",
                                s.name, c["agg"])
                         record(f"{n} clients server CPU s per GB", s.name,
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> None:
                            request_rate(s.port, args.rate_seconds, 8))
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             for s in servers:
-                record("server CPU s (whole run)", s.name, tftp_peers.cpu_seconds(s.pid))
+                record("server CPU s (whole run)", s.name, tftp_peers.server_cpu_seconds(s))
                 record("server peak RSS MiB", s.name, tftp_peers.peak_rss_mib(s.pid))
         finally:
             for s in servers:
@@ -234,8 +234,9 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
             ratios.append(f"{a / b:12.2f}x" if b and b == b and a == a else f"{'-':>13}")
         print(f"{row:{width}}" + "".join(cells) + "".join(ratios))
     print("* = the server did not negotiate windowsize (lock-step instead)")
-    print("failures: client exit status or sha256 mismatch; peak RSS of the main process only "
-          "(tftpd-hpa forks one child per transfer)")
+    print("failures: client exit status or sha256 mismatch; server CPU includes every process "
+          "the server forked (cgroup cpuacct); peak RSS: the main process plus its live "
+          "children at the end (vfsroot workers; not tftpd-hpa's per-transfer children)")
     _ = lower_is_better
 
 
