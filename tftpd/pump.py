@@ -53,9 +53,12 @@ _RECV_SIZE = 2048
 #: Longest stretch the pump polls without letting other trio tasks run, seconds.
 _YIELD_EVERY = 0.002
 _EPOLLIN = select.EPOLLIN
-_data_header = packets.data_header
+_pack_header = packets.pack_header
+_OP_DATA = packets.OP_DATA
+_OP_ACK = packets.OP_ACK
 _EPOLLOUT = select.EPOLLOUT
 _ERRORS = select.EPOLLERR | select.EPOLLHUP
+_READABLE = _EPOLLIN | _ERRORS
 
 
 class PeerGone(Exception):
@@ -313,14 +316,14 @@ class Pump:
                 t.want_write = False
                 self._ep.modify(t.fd, _EPOLLIN)
             due = None
-            if ev & (_EPOLLIN | _ERRORS):
+            if ev & _READABLE:
                 try:
                     data = t.sock.recv(_RECV_SIZE)
                 except BlockingIOError:
                     data = b""
                 except OSError as exc:
                     raise PeerGone(os.strerror(exc.errno or 0)) from None
-                if len(data) >= 4 and data[1] == packets.OP_ACK and data[0] == 0:
+                if len(data) >= 4 and data[1] == _OP_ACK and data[0] == 0:
                     due = sender.on_ack((data[2] << 8) | data[3], now)
                     if sender.outcome is not None:
                         self._finish(t)
@@ -337,7 +340,7 @@ class Pump:
                     data = t.source.poll(first)
                     if data is not None:
                         try:
-                            t.sock.send(_data_header(first) + data)
+                            t.sock.send(_pack_header(_OP_DATA, first & 0xFFFF) + data)
                         except BlockingIOError:
                             self._want_write(t)
                             return
@@ -393,12 +396,12 @@ class Pump:
         first, last = due
         source = t.source
         blksize = t.blksize
-        if first == last:  # lock-step, or one block due: the hot path
+        if first == last:  # lock-step, or one block due
             data = source.poll(first)
             if data is None:
                 return
             try:
-                t.sock.send(packets.data_header(first) + data)
+                t.sock.send(_pack_header(_OP_DATA, first & 0xFFFF) + data)
             except BlockingIOError:
                 self._want_write(t)
                 return
@@ -411,40 +414,43 @@ class Pump:
             sender.sent(first, first, now, final=len(data) < blksize)
             return
         poll = source.poll
-        header = packets.data_header
-        datagrams: list[bytes] = []
+        # [header, payload, header, payload, ...]: a GSO buffer is one join of these, no
+        # intermediate copy per datagram.
+        parts: list[bytes] = []
         final = False
         for seq in range(first, last + 1):
             data = poll(seq)
             if data is None:
                 break  # on_ready brings us back
-            datagrams.append(header(seq) + data)
+            parts.append(_pack_header(_OP_DATA, seq & 0xFFFF))
+            parts.append(data)
             if len(data) < blksize:
                 final = True
                 break
-        if not datagrams:
+        n = len(parts) // 2
+        if not n:
             return
-        sent = self._send(t, datagrams)
+        sent = self._send(t, parts, blksize + 4)
         self.datagrams += sent
         if sent:
             for i in range(max(0, sender.sent_upto + 1 - first), sent):
-                t.bytes_sent += len(datagrams[i]) - 4
-            sender.sent(first, first + sent - 1, now, final=final and sent == len(datagrams))
+                t.bytes_sent += len(parts[2 * i + 1])
+            sender.sent(first, first + sent - 1, now, final=final and sent == n)
 
-    def _send(self, t: Transfer, datagrams: list[bytes]) -> int:
-        """Put ``datagrams`` on the wire; returns how many went (the rest when writable)."""
+    def _send(self, t: Transfer, parts: list[bytes], seg: int) -> int:
+        """Put the datagrams ``parts[2i] + parts[2i + 1]`` on the wire (all but the last
+        ``seg`` bytes long); returns how many went (the rest when writable)."""
         sock = t.sock
-        n = len(datagrams)
+        n = len(parts) // 2
         i = 0
         if t.gso and n > 1:
-            seg = len(datagrams[0])
             per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg)
             if per > 1:
                 opt = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg))]
                 while n - i > 1:
                     k = min(per, n - i)
                     try:
-                        sock.sendmsg([b"".join(datagrams[i:i + k])], opt)
+                        sock.sendmsg([b"".join(parts[2 * i:2 * (i + k)])], opt)
                     except BlockingIOError:
                         self._want_write(t)
                         return i
@@ -465,7 +471,7 @@ class Pump:
         send = sock.send
         while i < n:
             try:
-                send(datagrams[i])
+                send(parts[2 * i] + parts[2 * i + 1])
             except BlockingIOError:
                 self._want_write(t)
                 return i
