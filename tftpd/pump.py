@@ -81,7 +81,16 @@ class TimedOut(Exception):
 class Transfer:
     """The pump's record of one transfer in its DATA phase."""
 
-    __slots__ = ("sock", "fd", "sender", "source", "blksize", "gso", "bytes_sent", "done",
+    @property
+    def bytes_sent(self) -> int:
+        """Distinct payload bytes sent: every block but the last is full (counted from the
+        sender's state, not per packet)."""
+        sender = self.sender
+        if sender.final is not None:
+            return (sender.final - 1) * self.blksize + self.final_len
+        return sender.sent_upto * self.blksize
+
+    __slots__ = ("sock", "fd", "sender", "source", "blksize", "gso", "final_len", "done",
                  "error", "finished", "timer_at", "want_write", "ignored")
 
     def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
@@ -92,7 +101,7 @@ class Transfer:
         self.source = source
         self.blksize = blksize
         self.gso = gso
-        self.bytes_sent = 0
+        self.final_len = 0  # payload bytes of the last block, once it went out
         self.done = trio.Event()
         self.error: BaseException | None = None
         self.finished = False
@@ -312,7 +321,7 @@ class Pump:
         """
         sender = t.sender
         try:
-            if ev & _EPOLLOUT and t.want_write:
+            if ev != _EPOLLIN and ev & _EPOLLOUT and t.want_write:
                 t.want_write = False
                 self._ep.modify(t.fd, _EPOLLIN)
             due = None
@@ -325,7 +334,7 @@ class Pump:
                     raise PeerGone(os.strerror(exc.errno or 0)) from None
                 if len(data) >= 4 and data[1] == _OP_ACK and data[0] == 0:
                     due = sender.on_ack((data[2] << 8) | data[3], now)
-                    if sender.outcome is not None:
+                    if due is None and sender.outcome is not None:
                         self._finish(t)
                         return
                 else:
@@ -348,9 +357,11 @@ class Pump:
                             if exc.errno != errno.ENOBUFS:
                                 raise PeerGone(os.strerror(exc.errno or 0)) from None
                         self.datagrams += 1
-                        if first > sender.sent_upto:
-                            t.bytes_sent += len(data)
-                        sender.sent(first, first, now, final=len(data) < t.blksize)
+                        if len(data) < t.blksize:
+                            t.final_len = len(data)
+                            sender.sent(first, first, now, final=True)
+                        else:
+                            sender.sent(first, first, now)
                 else:
                     self._transmit(t, due, now)
         except (PeerGone, ClientError, OSError) as exc:
@@ -409,8 +420,8 @@ class Pump:
                 if exc.errno != errno.ENOBUFS:  # ENOBUFS: dropped locally, like a lost packet
                     raise PeerGone(os.strerror(exc.errno or 0)) from None
             self.datagrams += 1
-            if first > sender.sent_upto:
-                t.bytes_sent += len(data)
+            if len(data) < blksize:
+                t.final_len = len(data)
             sender.sent(first, first, now, final=len(data) < blksize)
             return
         poll = source.poll
@@ -433,8 +444,8 @@ class Pump:
         sent = self._send(t, parts, blksize + 4)
         self.datagrams += sent
         if sent:
-            for i in range(max(0, sender.sent_upto + 1 - first), sent):
-                t.bytes_sent += len(parts[2 * i + 1])
+            if final and sent == n:
+                t.final_len = len(parts[-1])
             sender.sent(first, first + sent - 1, now, final=final and sent == n)
 
     def _send(self, t: Transfer, parts: list[bytes], seg: int) -> int:
