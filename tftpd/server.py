@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
 SYSTEMD_FIRST_FD = 3
 
+#: Requests handled from one listen socket before other tasks get a turn.
+_REQUESTS_PER_CHECKPOINT = 16
+
 #: Outcomes logged below INFO: none. Outcomes that hint at an attack or a broken setup: WARNING.
 _WARN_OUTCOMES = frozenset({"refused-path", "refused-file", "timeout", "refused-mode",
                             "read-error"})
@@ -473,9 +476,17 @@ class TftpServer:
                            ctx: SessionContext, bucket: _TokenBucket) -> None:
         anc_size = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
         bound_host = sock.getsockname()[0]
+        recvmsg = raw.recvmsg
+        handled = 0
         while True:
+            # The raw non-blocking socket, drained until empty: a burst of requests (a rack
+            # powering on) costs one trio wait, not one per request.
             try:
-                data, ancdata, _flags, addr = await sock.recvmsg(MAX_DATAGRAM, anc_size)
+                data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, anc_size)
+            except BlockingIOError:
+                handled = 0
+                await trio.lowlevel.wait_readable(raw)
+                continue
             except OSError as exc:
                 # ICMP errors queued on the socket and the like: never let them end the loop.
                 log.debug("listen recv error=%s", exc)
@@ -486,6 +497,10 @@ class TftpServer:
                                       bucket)
             except Exception:
                 log.exception("cannot handle request peer=%s", addr)
+            handled += 1
+            if handled >= _REQUESTS_PER_CHECKPOINT:
+                handled = 0
+                await trio.lowlevel.checkpoint()
 
     def _reply_error(self, sock: socket.socket, addr: tuple, code: int, message: str,
                      bucket: _TokenBucket, local: tuple[str, int] | None = None) -> None:
