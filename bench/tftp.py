@@ -105,7 +105,7 @@ def concurrent(port: int, n: int, size: int, want: str, outdir: Path) -> dict[st
     wall = time.perf_counter() - t0
     good = [t for t in times if t is not None]
     return {"agg": size * len(good) / wall / 1e6, "slowest": max(good) if good else float("nan"),
-            "failures": float(n - len(good))}
+            "failures": float(n - len(good)), "bytes": float(size * n)}
 
 
 def request_rate(port: int, seconds: float, workers: int) -> float:
@@ -182,9 +182,13 @@ def run(args: argparse.Namespace) -> None:
                             nowindow.add((row, s.name))
                 for n in (16, 64):
                     for s in order:
+                        cpu0 = tftp_peers.server_cpu_seconds(s)
                         c = concurrent(s.port, n, small, digests["small.bin"], outdir)
+                        cpu = tftp_peers.server_cpu_seconds(s) - cpu0
                         record(f"{n} clients x {args.concurrent_mib} MiB aggregate MB/s",
                                s.name, c["agg"])
+                        record(f"{n} clients server CPU s per GB", s.name,
+                               cpu / (c["bytes"] / 1e9) if c["bytes"] else None)
                         record(f"{n} clients slowest s", s.name, c["slowest"])
                         record(f"{n} clients failures", s.name, c["failures"])
                 for s in order:
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> None:
                            request_rate(s.port, args.rate_seconds, 8))
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             for s in servers:
-                record("server CPU s (whole run)", s.name, tftp_peers.cpu_seconds(s.pid))
+                record("server CPU s (whole run)", s.name, tftp_peers.server_cpu_seconds(s))
                 record("server peak RSS MiB", s.name, tftp_peers.peak_rss_mib(s.pid))
         finally:
             for s in servers:
@@ -211,7 +215,8 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
     head = f"{'':{width}}" + "".join(f"{s:>11}" for s in SERVERS) + "".join(
         f"{'vs ' + p:>13}" for p in SERVERS[1:])
     print(f"\nTFTP benchmark: medians of {args.rounds} round(s), loopback, "
-          f"{os.cpu_count()} CPUs, pin={args.pin}, vfsroot --workers {args.workers}; "
+          f"{os.cpu_count()} CPUs, pin={args.pin}, vfsroot --workers "
+          f"{args.workers or 'default'}; "
           "ratio = vfsroot / peer "
           "(higher is better for rates, lower for times/CPU/RSS)")
     print(head)
@@ -229,8 +234,9 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
             ratios.append(f"{a / b:12.2f}x" if b and b == b and a == a else f"{'-':>13}")
         print(f"{row:{width}}" + "".join(cells) + "".join(ratios))
     print("* = the server did not negotiate windowsize (lock-step instead)")
-    print("failures: client exit status or sha256 mismatch; peak RSS of the main process only "
-          "(tftpd-hpa forks one child per transfer)")
+    print("failures: client exit status or sha256 mismatch; server CPU includes every process "
+          "the server forked (cgroup cpuacct); peak RSS: the main process plus its live "
+          "children at the end (vfsroot workers; not tftpd-hpa's per-transfer children)")
     _ = lower_is_better
 
 
@@ -238,19 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size-mib", type=int, default=64)
-    p.add_argument("--concurrent-mib", type=int, default=4)
+    p.add_argument("--concurrent-mib", type=int, default=16,
+                   help="file size each concurrent (boot storm) client fetches (default 16)")
     p.add_argument("--rate-seconds", type=float, default=3.0)
     p.add_argument("--cache", default="/var/cache/vfsroot-bench")
     p.add_argument("--json", help="also write the raw figures here")
     p.add_argument("--pin", choices=["none", "same", "split"], default="none",
                    help="pin servers to CPU 0 and clients to CPU 0 (same) or 1 (split): "
                         "lock-step speed depends mostly on whether they share a CPU")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="vfsroot-tftpd --workers (default: one per CPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="vfsroot-tftpd --workers (default: the server's own default, one "
+                        "process per CPU)")
     p.add_argument("--quick", action="store_true", help="1 round, 8 MiB: check the setup")
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.size_mib, args.rate_seconds = 1, 8, 1.0
+        args.rounds, args.size_mib, args.concurrent_mib, args.rate_seconds = 1, 8, 2, 1.0
     if os.environ.get("VFSROOT_BENCH_NETNS") != "1":
         if os.geteuid() != 0:
             print("bench/tftp.py: run as root (network namespace, port 69)", file=sys.stderr)
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call(["unshare", "--net", "--", sys.executable, __file__,
                                 *(argv if argv is not None else sys.argv[1:])], env=env)
     # Inside the namespace: loopback up, and a second address (tftpd-hpa exits with 66 when
-    # 127.0.0.1 is the only one, FIELD.md).
+    # 127.0.0.1 is the only one, docs/clients.md).
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     subprocess.run(["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=False,
                    stderr=subprocess.DEVNULL)

@@ -36,11 +36,17 @@ def fetch_peers(cache: Path) -> dict[str, Path]:
     return found
 
 
+#: cgroup v1 CPU accounting: every process a server forks (tftpd-hpa: one per transfer, gone
+#: before anyone could read its /proc entry; vfsroot: its workers) is counted in its group.
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+
+
 @dataclass
 class Running:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
+    cgroup: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -54,10 +60,30 @@ class Running:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.cgroup is not None:
+            for _ in range(50):  # children leave the group as they exit
+                try:
+                    self.cgroup.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def _cgroup(name: str) -> Path | None:
+    """A fresh cpuacct group for one server, or None where cgroup v1 cpuacct is missing."""
+    if not (CPUACCT / "cpuacct.usage").exists():
+        return None
+    path = CPUACCT / f"vfsroot-bench-{name}-{os.getpid()}"
+    try:
+        path.mkdir()
+    except OSError:
+        return None
+    return path
 
 
 def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
-                  max_clients: int, workers: int = 1, cpu: str | None = None) -> list[Running]:
+                  max_clients: int, workers: int | None = None,
+                  cpu: str | None = None) -> list[Running]:
     """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
 
     All get the same limits where they have them: block sizes up to 65464, at least
@@ -71,7 +97,8 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                            "--listen", "127.0.0.1:6901", "--blksize-max", "65464",
                            "--max-sessions", str(4 * max_clients),
                            "--max-sessions-per-ip", str(2 * max_clients),
-                           "--workers", str(workers), "--log-level", "WARNING"]),
+                           *(["--workers", str(workers)] if workers else []),
+                           "--log-level", "WARNING"]),
         "tftpd-hpa": (6902, [str(bins["tftpd-hpa"]), "-L", "-a", "127.0.0.1:6902", "-s",
                              "-u", "root", "-B", "65464", str(served)]),
         "atftpd": (6903, [str(bins["atftpd"]), "--daemon", "--no-fork", "--port", "6903",
@@ -89,9 +116,12 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
         log = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the server)
         if cpu is not None:
             cmd = ["taskset", "-c", cpu, *cmd]
+        group = _cgroup(name)
+        if group is not None:  # join the group, then become the server (same pid)
+            cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *cmd]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).resolve().parent.parent)
-        running.append(Running(name, port, proc))
+        running.append(Running(name, port, proc, group))
     time.sleep(1.0)
     for r in running:
         if r.proc.poll() is not None:
@@ -107,6 +137,17 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(x) for x in text.split()]
+
+
+def server_cpu_seconds(server: Running) -> float:
+    """CPU seconds used so far by the server and everything it forked: from its cpuacct
+    group when there is one, else from /proc (misses children nobody waited for)."""
+    if server.cgroup is not None:
+        try:
+            return int((server.cgroup / "cpuacct.usage").read_text()) / 1e9
+        except (OSError, ValueError):
+            pass
+    return cpu_seconds(server.pid)
 
 
 def cpu_seconds(pid: int) -> float:

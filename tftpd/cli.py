@@ -24,6 +24,7 @@ from vfsroot.defaults import DEFAULT_MOUNT
 from vfsroot.exporter import MetricsError, MetricsServer, bind_metrics, parse_metrics_address
 from vfsroot.systemd import notify
 
+from .limits import SessionLimits
 from .metrics import TftpCollector, WorkerMetrics, answer_parent, channel_pair
 from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
 from .server import ConfigError, ServerConfig, TftpServer, parse_listen, systemd_fds
@@ -99,16 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-ahead", type=_bounded(4096, 64 << 20), default=256 * 1024,
                    metavar="BYTES", help="file bytes read per thread call and session")
     p.add_argument("--max-transfer-seconds", type=_positive_float, default=3600.0)
-    p.add_argument("--spin-us", type=_bounded(0, 10000), default=0, metavar="MICROSECONDS",
-                   help="busy-wait this long for an ACK while only one transfer runs (lower "
-                        "latency on a dedicated server; costs CPU; default 0 = off)")
+    p.add_argument("--spin-us", type=_bounded(0, 10000), default=200, metavar="MICROSECONDS",
+                   help="busy-poll this long for an ACK while only one transfer runs and its "
+                        "RTT is shorter (lock-step latency; default 200, 0 = off)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, time running transfers get to finish")
     p.add_argument("--follow-outside-symlinks", action="store_true",
                    help="serve symlinks that point outside the client's directory")
-    p.add_argument("--workers", type=_bounded(1, 64), default=1,
+    p.add_argument("--workers", type=_bounded(1, 64), default=None,
                    help="server processes sharing the listen address (SO_REUSEPORT); limits "
-                        "apply per worker (default 1)")
+                        "apply per worker (default: one per CPU; 1 with --listen systemd)")
     p.add_argument("--metrics", type=parse_metrics_address, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, every worker's "
                         "counts in one endpoint (default: off)")
@@ -165,6 +166,7 @@ async def _run(server: TftpServer, children: tuple[int, ...] = (),
             notify("READY=1")
             stopping = False
             async for signum in signals:
+                server.limits.stop()  # before the workers hear of it: no request slips in
                 for pid in children:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
@@ -179,6 +181,17 @@ async def _run(server: TftpServer, children: tuple[int, ...] = (),
                     nursery.cancel_scope.cancel()
 
 
+def default_workers(config: ServerConfig, asked: int | None) -> int:
+    """``--workers`` as given, else one process per CPU: one Python process uses one CPU, and
+    a boot storm is many independent transfers the kernel spreads over the workers.  A
+    socket-activated server has one inherited socket, which cannot be shared out: 1."""
+    if asked is not None:
+        return asked
+    if config.inherited_fds:
+        return 1
+    return max(1, min(64, len(os.sched_getaffinity(0))))
+
+
 def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | None = None,
                    ) -> tuple[TftpServer, tuple[int, ...], list[socket.socket]]:
     """Bind every worker's sockets in this process (errors stay one clear line), then fork
@@ -191,7 +204,9 @@ def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | No
         return server, (), []
     if config.inherited_fds:
         raise ConfigError("--workers > 1 needs --listen ADDR:PORT (systemd passes one socket)")
+    limits = SessionLimits(config.max_sessions, config.max_sessions_per_ip, shared=True)
     first = TftpServer(replace(config, reuse_port=True, worker=f"1/{count}"))
+    first.share_limits(limits)
     first.bind()
     specs = first.bound_specs()
     others = []
@@ -199,6 +214,7 @@ def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | No
         for i in range(2, count + 1):
             srv = TftpServer(replace(config, listen=specs, reuse_port=True,
                                      worker=f"{i}/{count}"))
+            srv.share_limits(limits)
             srv.bind()
             others.append(srv)
     except BaseException:
@@ -275,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = None
         if args.metrics is not None:  # bound before any fork: a busy port stops us here
             metrics = bind_metrics(args.metrics, [collector], "vfsroot-tftpd")
-        server, children, channels = _start_workers(config, args.workers, metrics)
+        server, children, channels = _start_workers(
+            config, default_workers(config, args.workers), metrics)
     except (ConfigError, MetricsError) as exc:
         print(f"vfsroot-tftpd: {exc}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ location is outside the client's directory (a symlink to another client's tree).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import stat
@@ -29,8 +30,12 @@ class OpenRefused(Exception):
         self.code = code
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_ip(host: str) -> str:
-    """Return the canonical text form of a peer address (v4-mapped -> dotted quad, no scope)."""
+    """Return the canonical text form of a peer address (v4-mapped -> dotted quad, no scope).
+
+    Cached: a boot server sees the same few hundred addresses over and over, and parsing one
+    costs more than the rest of a request's bookkeeping."""
     bare = host.split("%", 1)[0]
     try:
         addr = ipaddress.ip_address(bare)

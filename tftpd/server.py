@@ -23,7 +23,6 @@ import os
 import random
 import socket
 import struct
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,9 @@ import trio
 from vfsroot.defaults import DEFAULT_MOUNT
 
 from . import packets
+from .limits import BUSY, PER_IP, SessionLimits
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
+from .pump import Pump
 from .roots import ClientRoots, normalise_ip
 from .session import Session, SessionContext, SessionResult, TransferPolicy
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
 SYSTEMD_FIRST_FD = 3
+
+#: Requests handled from one listen socket before other tasks get a turn.
+_REQUESTS_PER_CHECKPOINT = 16
 
 #: Outcomes logged below INFO: none. Outcomes that hint at an attack or a broken setup: WARNING.
 _WARN_OUTCOMES = frozenset({"refused-path", "refused-file", "timeout", "refused-mode",
@@ -251,7 +255,9 @@ class TftpServer:
         )
         self._limiter = trio.CapacityLimiter(config.read_threads)
         self._active: dict[tuple[str, int], Session] = {}
-        self._per_ip: Counter[str] = Counter()
+        #: Admission (limits, stop flag); :meth:`share_limits` replaces it with one shared by
+        #: every worker process.
+        self.limits = SessionLimits(config.max_sessions, config.max_sessions_per_ip)
         self._listen_scope: trio.CancelScope | None = None
         self._idle = trio.Event()
         self._idle.set()
@@ -261,6 +267,13 @@ class TftpServer:
         self._bound: list[socket.socket] | None = None
         #: Called once per finished transfer (the metrics histogram); None costs nothing.
         self.on_transfer: Callable[[SessionResult], None] | None = None
+        #: The DATA-phase pump while :meth:`run` runs (its counters: batches, GSO sends).
+        self.pump: Pump | None = None
+
+    def share_limits(self, limits: SessionLimits) -> None:
+        """Use ``limits`` (created before the workers were forked) instead of our own, so the
+        limits and the stop hold for the whole server, not per worker."""
+        self.limits = limits
 
     def bound_specs(self) -> tuple[ListenSpec, ...]:
         """The listen sockets as specs with real ports (for more workers on the same ports)."""
@@ -355,7 +368,7 @@ class TftpServer:
                         port: int) -> socket.socket:
         """A non-blocking socket bound to ``local`` (port from the range) and connected to the
         client."""
-        v4 = ipaddress.ip_address(client).version == 4
+        v4 = ":" not in client  # normalised: dotted quad or IPv6 text
         family = socket.AF_INET if v4 else socket.AF_INET6
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -398,42 +411,52 @@ class TftpServer:
         assert self._bound is not None
         raw, self._bound = self._bound, []
         listeners = [trio.socket.from_stdlib_socket(s) for s in raw]
+        policy = self.config.policy
+        self.pump = pump = Pump(spin_seconds=policy.spin_seconds,
+                                spin_max_sessions=policy.spin_max_sessions,
+                                active=lambda: self.stats.active)
         ctx = SessionContext(
-            roots=self._roots, policy=self.config.policy, limiter=self._limiter,
+            roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
             active=lambda: self.stats.active,
         )
         buckets = _TokenBucket(self.config.error_replies_per_second)
         try:
-            async with trio.open_nursery() as sessions:
-                ctx.spawn = sessions.start_soon
-                with trio.CancelScope() as self._listen_scope:
-                    if self._stop_requested:
-                        self._listen_scope.cancel()
-                    async with trio.open_nursery() as listen:
-                        for tsock, rsock in zip(listeners, raw, strict=True):
-                            listen.start_soon(self._listen_loop, tsock, rsock, sessions, ctx,
-                                              buckets)
-                        log.info("listening addresses=%s root=%s mode=%s%s",
-                                 ",".join(f"{h}:{p}" for h, p in self.addresses),
-                                 self.config.root, "flat" if self.config.flat else "per-client",
-                                 f" worker={self.config.worker}" if self.config.worker else "")
-                        task_status.started(list(self.addresses))
-                # Stopped: no new requests; let running transfers finish within the grace.
-                self._stopping = True
-                for sock in listeners:
-                    sock.close()
-                if self.stats.active:
-                    log.info("stopping: waiting for transfers active=%d grace=%.1fs",
-                             self.stats.active, self._grace)
-                    with trio.move_on_after(self._grace):
-                        await self._idle.wait()
+            async with trio.open_nursery() as engine:
+                await engine.start(pump.run)
+                async with trio.open_nursery() as sessions:
+                    ctx.spawn = sessions.start_soon
+                    with trio.CancelScope() as self._listen_scope:
+                        if self._stop_requested:
+                            self._listen_scope.cancel()
+                        async with trio.open_nursery() as listen:
+                            for tsock, rsock in zip(listeners, raw, strict=True):
+                                listen.start_soon(self._listen_loop, tsock, rsock, sessions,
+                                                  ctx, buckets)
+                            log.info("listening addresses=%s root=%s mode=%s%s",
+                                     ",".join(f"{h}:{p}" for h, p in self.addresses),
+                                     self.config.root,
+                                     "flat" if self.config.flat else "per-client",
+                                     f" worker={self.config.worker}" if self.config.worker
+                                     else "")
+                            task_status.started(list(self.addresses))
+                    # Stopped: no new requests; let running transfers finish within the grace.
+                    self._stopping = True
+                    for sock in listeners:
+                        sock.close()
                     if self.stats.active:
-                        log.warning("grace period over: ending transfers active=%d",
-                                    self.stats.active)
-                sessions.cancel_scope.cancel()
+                        log.info("stopping: waiting for transfers active=%d grace=%.1fs",
+                                 self.stats.active, self._grace)
+                        with trio.move_on_after(self._grace):
+                            await self._idle.wait()
+                        if self.stats.active:
+                            log.warning("grace period over: ending transfers active=%d",
+                                        self.stats.active)
+                    sessions.cancel_scope.cancel()
+                engine.cancel_scope.cancel()  # every session has ended: the pump is idle
         finally:
             for sock in listeners:
                 sock.close()
+            pump.close()
         counters = " ".join(f"{k}={v}" for k, v in self.stats.as_dict().items())
         log.info("stopped%s stats=%s",
                  f" worker={self.config.worker}" if self.config.worker else "", counters)
@@ -444,9 +467,11 @@ class TftpServer:
             await self._idle.wait()
 
     def stop(self, grace: float | None = None) -> None:
-        """Stop accepting requests; running transfers get ``grace`` seconds to finish."""
+        """Stop accepting requests; running transfers get ``grace`` seconds to finish.  With
+        shared limits, every worker stops accepting at once."""
         if grace is not None:
             self._grace = grace
+        self.limits.stop()
         self._stop_requested = True
         if self._listen_scope is not None:
             self._listen_scope.cancel()
@@ -456,9 +481,17 @@ class TftpServer:
                            ctx: SessionContext, bucket: _TokenBucket) -> None:
         anc_size = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
         bound_host = sock.getsockname()[0]
+        recvmsg = raw.recvmsg
+        handled = 0
         while True:
+            # The raw non-blocking socket, drained until empty: a burst of requests (a rack
+            # powering on) costs one trio wait, not one per request.
             try:
-                data, ancdata, _flags, addr = await sock.recvmsg(MAX_DATAGRAM, anc_size)
+                data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, anc_size)
+            except BlockingIOError:
+                handled = 0
+                await trio.lowlevel.wait_readable(raw)
+                continue
             except OSError as exc:
                 # ICMP errors queued on the socket and the like: never let them end the loop.
                 log.debug("listen recv error=%s", exc)
@@ -469,6 +502,10 @@ class TftpServer:
                                       bucket)
             except Exception:
                 log.exception("cannot handle request peer=%s", addr)
+            handled += 1
+            if handled >= _REQUESTS_PER_CHECKPOINT:
+                handled = 0
+                await trio.lowlevel.checkpoint()
 
     def _reply_error(self, sock: socket.socket, addr: tuple, code: int, message: str,
                      bucket: _TokenBucket, local: tuple[str, int] | None = None) -> None:
@@ -523,10 +560,11 @@ class TftpServer:
             log.debug("retransmitted request ignored client=%s port=%d file=%s", client, port,
                       _loggable(packet.filename))
             return
-        if self._stopping:
+        if self._stopping or self.limits.stopping:
             return
         cfg = self.config
-        if len(self._active) >= cfg.max_sessions:
+        refused = self.limits.admit(client)
+        if refused == BUSY:
             self.stats.busy_rejections += 1
             log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
                         _loggable(packet.filename), cfg.max_sessions)
@@ -534,7 +572,7 @@ class TftpServer:
                               f"server busy: {cfg.max_sessions} transfers running, retry later",
                               bucket, dest)
             return
-        if self._per_ip[client] >= cfg.max_sessions_per_ip:
+        if refused == PER_IP:
             self.stats.busy_rejections += 1
             log.warning("busy: per-client limit reached client=%s file=%s limit=%d", client,
                         _loggable(packet.filename), cfg.max_sessions_per_ip)
@@ -546,12 +584,12 @@ class TftpServer:
         local, ifindex = dest if dest is not None else (None, 0)
         if local is None and bound_host not in ("0.0.0.0", "::"):
             local = normalise_ip(bound_host)
-        if local is not None and ipaddress.ip_address(local).version != ipaddress.ip_address(
-                client).version:
+        if local is not None and (":" in local) != (":" in client):
             local = None
         try:
             ssock = self._session_socket(local, ifindex, client, port)
         except OSError as exc:
+            self.limits.release(client)
             log.error("cannot open a session socket client=%s local=%s error=%s", client,
                       local, exc.strerror or exc)
             self._reply_error(sock, addr, ERR_NOT_DEFINED, "server cannot open a transfer port",
@@ -559,7 +597,6 @@ class TftpServer:
             return
         session = Session(ctx, packet, client, port, local or "", ssock)
         self._active[key] = session
-        self._per_ip[client] += 1
         self.stats.active += 1
         self._idle = trio.Event() if self.stats.active == 1 else self._idle
         sessions.start_soon(self._run_session, key, session)
@@ -570,9 +607,7 @@ class TftpServer:
             result = await session.run()
         finally:
             del self._active[key]
-            self._per_ip[key[0]] -= 1
-            if not self._per_ip[key[0]]:
-                del self._per_ip[key[0]]
+            self.limits.release(key[0])
             self.stats.active -= 1
             if not self.stats.active:
                 self._idle.set()

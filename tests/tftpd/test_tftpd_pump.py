@@ -1,0 +1,128 @@
+"""The transfer pump (tftpd/pump.py) with real sockets: batching, UDP GSO and its fallback,
+losses with GSO on and off, and limits shared by worker processes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from tftpd import pump as pump_mod
+from tftpd.client import fetch
+from tftpd.limits import BUSY, PER_IP, SessionLimits
+
+from .conftest import CLIENT_A, LOCAL
+from .helpers import FAST, Impairment, LossyRelay, file_sha256, make_file, running
+
+
+@pytest.mark.parametrize("gso", [True, False])
+@pytest.mark.parametrize("windowsize", [1, 16])
+async def test_lossy_relay_with_and_without_gso(tree: Path, windowsize: int, gso: bool) -> None:
+    """Drop, duplicate and reorder between client and server: the bytes arrive exactly."""
+    make_file(tree / LOCAL / "400k.bin", 400_000, seed=windowsize)
+    want = file_sha256(tree / LOCAL / "400k.bin")
+    imp = Impairment(drop=0.03, duplicate=0.05, reorder=0.1)
+    policy = replace(FAST, retransmit_timeout=0.03, retries=20, gso=gso)
+    async with running(tree, policy=policy) as (server, addr), trio.open_nursery() as nursery:
+        relay = LossyRelay(addr, imp, seed=windowsize + 10 * gso)
+        await nursery.start(relay.run)
+        with trio.fail_after(90):
+            res = await fetch(relay.address, "400k.bin", blksize=1428,
+                              windowsize=windowsize if windowsize > 1 else None,
+                              retransmit=0.05, retries=20, dally=0.2)
+        nursery.cancel_scope.cancel()
+        pump = server.pump
+        assert pump is not None
+        if gso and windowsize > 1:
+            assert pump.gso_sends > 0
+        else:
+            assert pump.gso_sends == 0
+    assert res.sha256 == want
+    assert relay.dropped > 0 and server.stats.retransmits > 0
+    assert server.stats.completed == 1
+
+
+async def test_a_window_leaves_in_few_system_calls(tree: Path) -> None:
+    """windowsize 16 @1428: one sendmsg carries the whole window (16 x 1432 bytes)."""
+    want = file_sha256(tree / CLIENT_A / "1m.bin")
+    async with running(tree) as (server, addr):
+        res = await fetch(addr, "1m.bin", blksize=1428, windowsize=16, bind=CLIENT_A)
+        pump = server.pump
+        assert pump is not None
+        blocks = (1 << 20) // 1428 + 1
+        assert res.sha256 == want
+        assert pump.datagrams == blocks
+        assert pump.gso_sends <= blocks // 16 + 1
+        assert pump.gso_sends >= blocks // 16 - 1
+
+
+async def test_gso_refused_by_the_kernel_falls_back_per_datagram(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel refuses UDP_SEGMENT (a route without checksum offload, a segment
+    over the MTU), the transfer goes on with one send() per datagram."""
+    refused = 0
+
+    class NoGso(socket.socket):
+        def sendmsg(self, buffers, ancdata=(), *args):  # type: ignore[no-untyped-def]
+            nonlocal refused
+            if any(level == pump_mod.SOL_UDP and kind == pump_mod.UDP_SEGMENT
+                   for level, kind, _ in ancdata):
+                refused += 1
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return super().sendmsg(buffers, ancdata, *args)
+
+    monkeypatch.setattr(socket, "socket", NoGso)
+    want = file_sha256(tree / CLIENT_A / "1m.bin")
+    async with running(tree) as (server, addr):
+        res = await fetch(addr, "1m.bin", blksize=1428, windowsize=16, bind=CLIENT_A)
+        pump = server.pump
+        assert pump is not None and pump.gso_sends == 0
+    assert res.sha256 == want
+    assert refused == 1  # once per transfer, then it stops asking
+    assert server.stats.completed == 1 and server.stats.retransmits == 0
+
+
+async def test_concurrent_transfers_share_wakeups(tree: Path) -> None:
+    """Sixteen lock-step transfers at once: the pump answers many ACKs per wake-up."""
+    want = file_sha256(tree / CLIENT_A / "1m.bin")
+    results = []
+    async with running(tree, max_sessions_per_ip=32) as (server, addr):
+        async with trio.open_nursery() as nursery:
+            async def one() -> None:
+                results.append(await fetch(addr, "1m.bin", blksize=1428, bind=CLIENT_A))
+            for _ in range(16):
+                nursery.start_soon(one)
+        pump = server.pump
+        assert pump is not None
+        assert [r.sha256 for r in results] == [want] * 16
+        assert pump.datagrams >= 16 * ((1 << 20) // 1428 + 1)
+        assert pump.wakeups < pump.datagrams / 2, (pump.wakeups, pump.datagrams)
+
+
+def test_limits_are_shared_across_fork() -> None:
+    limits = SessionLimits(3, 2, shared=True)
+    assert limits.admit("10.0.0.1") is None
+    pid = os.fork()
+    if pid == 0:  # a worker: admits two more, one of them refused per IP
+        code = 0 if (limits.admit("10.0.0.1"), limits.admit("10.0.0.1")) == (None, PER_IP) \
+            else 1
+        code |= 0 if limits.admit("10.0.0.2") is None else 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert limits.active == 3
+    assert limits.admit("10.0.0.3") == BUSY
+    limits.release("10.0.0.1")
+    assert limits.admit("10.0.0.3") is None
+    assert not limits.stopping
+    pid = os.fork()
+    if pid == 0:
+        limits.stop()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert limits.stopping

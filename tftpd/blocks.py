@@ -1,0 +1,233 @@
+"""The file as a sequence of DATA payloads, read ahead by worker threads.
+
+A read on the FUSE tree can block on a disk for seconds, so reads never run on the event loop:
+they run in worker threads under the server's ``CapacityLimiter``, in chunks of
+max(read-ahead, 32 blocks), the next chunk read while the current one is sent.  The transfer
+pump asks :meth:`BlockSource.poll` for a block without waiting; when the block is not read
+yet, the source calls its ``on_ready`` callback once it is, and only that transfer waits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+
+import trio
+
+from vfsroot.fileio import pread_exact
+
+from .netascii import encode as netascii_encode
+
+
+class FileHandle:
+    """A descriptor that worker threads read while the event loop may want to close it.
+
+    A read on the FUSE tree can hang on a disk; the session then gives up waiting (the thread is
+    abandoned on cancellation) and closes the handle.  Closing while a thread is inside
+    ``pread`` would let the fd number be reused under it, so the close is deferred to the last
+    reader.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._closed = False
+
+    def pread_exact(self, size: int, offset: int) -> bytes:
+        """Read ``size`` bytes at ``offset`` unless end of file comes first (FUSE and network
+        filesystems return short reads mid-file, so one ``pread`` is not enough)."""
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "file handle closed")
+            self._busy += 1
+        try:
+            return pread_exact(self._fd, size, offset)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if self._closed and self._busy == 0:
+                    os.close(self._fd)
+
+    @staticmethod
+    def read_all(fd: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes from offset 0 of a descriptor nobody else uses yet."""
+        return pread_exact(fd, limit, 0)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._busy == 0:
+                os.close(self._fd)
+
+
+def chunk_size(read_ahead: int, blksize: int) -> int:
+    """Bytes per worker-thread read: the operator's read-ahead, but at least 32 blocks."""
+    return max(read_ahead, 32 * blksize)
+
+
+class BlockSource:
+    """The file as a sequence of blocks, read ahead in chunks by worker threads.
+
+    Blocks are requested in increasing order except for retransmissions, which never go below
+    ``keep_from`` (the first unacknowledged block): only ``[keep_from, read end)`` is kept.
+    """
+
+    def __init__(
+        self,
+        handle: FileHandle,
+        blksize: int,
+        read_ahead: int,
+        limiter: trio.CapacityLimiter,
+        *,
+        netascii: bool = False,
+        whole_file: bytes | None = None,
+    ) -> None:
+        self._handle = handle
+        self._blksize = blksize
+        self._chunk = chunk_size(read_ahead, blksize)
+        self._limiter = limiter
+        self._netascii = netascii
+        self._buf = b""
+        self._buf_off = 0  # stream offset of self._buf[0]
+        self._raw_off = 0  # next file offset to read
+        self._eof = False
+        self._keep_off = 0
+        self._spawn: Callable[..., object] | None = None
+        self._scope: trio.CancelScope | None = None
+        self._pending: trio.Event | None = None
+        self._next: bytes | None = None
+        self._next_error: Exception | None = None
+        #: Called (on the event loop) when a read-ahead finishes: the pump's wake-up.
+        self.on_ready: Callable[[], None] | None = None
+        #: The highest block acknowledged, asked when a chunk is appended (instead of a
+        #: :meth:`release_before` call per packet).
+        self.acked: Callable[[], int] | None = None
+        if whole_file is not None:  # read together with the open (small files)
+            self._buf = netascii_encode(whole_file) if netascii else whole_file
+            self._raw_off = len(whole_file)
+            self._eof = True
+
+    def release_before(self, seq: int) -> None:
+        """Blocks before ``seq`` are acknowledged and will not be asked again."""
+        self._keep_off = (seq - 1) * self._blksize
+
+    def peek(self, seq: int) -> bytes | None:
+        """Block ``seq`` if it is already read (the hot path: no coroutine), else None."""
+        start = (seq - 1) * self._blksize
+        i = start - self._buf_off
+        if i < 0:
+            return None
+        end = i + self._blksize
+        if end <= len(self._buf) or self._eof:
+            return self._buf[i:end]
+        return None
+
+    async def block(self, seq: int) -> bytes:
+        """Payload of block ``seq`` (1-based); shorter than blksize only for the last block."""
+        start = (seq - 1) * self._blksize
+        end = start + self._blksize
+        while self._buf_off + len(self._buf) < end and not self._eof:
+            await self._fill(end)
+        i = start - self._buf_off
+        if i < 0:
+            raise RuntimeError(f"block {seq} was released before it was acknowledged")
+        return self._buf[i : i + self._blksize]
+
+    def start_prefetch(self, spawn: Callable[..., object]) -> None:
+        """Read the next chunk in the background from now on (double buffering): a thread hop
+        costs a millisecond on a busy machine, which is 32 packets of 8 KiB that would otherwise
+        wait for it.  Memory: one more chunk per session.
+
+        ``spawn`` starts a task elsewhere (the server's session nursery), so an exception in
+        the session never gets wrapped in an exception group by a nursery of its own.
+        """
+        self._spawn = spawn
+        self._prefetch()
+
+    def close(self) -> None:
+        """Stop a read-ahead still in flight (the transfer is over)."""
+        self._spawn = None
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _prefetch(self) -> None:
+        if self._spawn is None or self._eof or self._pending is not None:
+            return
+        done = trio.Event()
+        self._pending = done
+        self._scope = trio.CancelScope()
+        self._spawn(self._read_ahead, self._raw_off, done, self._scope)
+
+    async def _read_ahead(self, offset: int, done: trio.Event, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                self._next = await trio.to_thread.run_sync(
+                    self._handle.pread_exact, self._chunk, offset,
+                    limiter=self._limiter, abandon_on_cancel=True,
+                )
+            except Exception as exc:  # must not reach the server's nursery
+                self._next_error = exc  # raised when the data is needed, by the session
+            finally:
+                done.set()
+                if self.on_ready is not None:
+                    self.on_ready()
+
+    def poll(self, seq: int) -> bytes | None:
+        """Block ``seq`` if it can be had without waiting, else None -- and then a read is in
+        flight and ``on_ready`` will be called when it is done (the pump's path).  Raises the
+        read's ``OSError`` if the read behind this block failed."""
+        i = (seq - 1) * self._blksize - self._buf_off
+        if i >= 0:  # the hot path, inlined peek()
+            end = i + self._blksize
+            if end <= len(self._buf) or self._eof:
+                return self._buf[i:end]
+        data = self.peek(seq)
+        while data is None:
+            pending = self._pending
+            if pending is None or not pending.is_set():
+                self._prefetch()
+                return None
+            self._take_prefetched()
+            data = self.peek(seq)
+        return data
+
+    async def _fill(self, end: int) -> None:
+        if self._spawn is not None:
+            self._prefetch()
+            assert self._pending is not None
+            await self._pending.wait()
+            self._take_prefetched()
+            return
+        want = max(self._chunk, end - (self._buf_off + len(self._buf)))
+        data = await trio.to_thread.run_sync(
+            self._handle.pread_exact, want, self._raw_off,
+            limiter=self._limiter, abandon_on_cancel=True,
+        )
+        self._append(data, want)
+
+    def _take_prefetched(self) -> None:
+        """Move a finished read-ahead into the buffer and start the next one."""
+        self._pending = None
+        if self._next_error is not None:
+            error, self._next_error = self._next_error, None
+            raise error
+        data, self._next = self._next or b"", None
+        self._append(data, self._chunk)
+
+    def _append(self, data: bytes, want: int) -> None:
+        if self.acked is not None:
+            self.release_before(self.acked() + 1)
+        self._raw_off += len(data)
+        if len(data) < want:
+            self._eof = True
+        self._prefetch()
+        if self._netascii:
+            data = netascii_encode(data)
+        drop = max(0, min(self._keep_off, self._buf_off + len(self._buf)) - self._buf_off)
+        self._buf = self._buf[drop:] + data if drop or self._buf else data
+        self._buf_off += drop

@@ -1,0 +1,497 @@
+"""One pump per process drives the DATA phase of every transfer.
+
+A boot storm is hundreds of transfers each moving a packet every few microseconds.  Giving
+each its own trio task costs one scheduler round trip per packet; here every live transfer
+socket is registered in one ``epoll`` object whose descriptor trio waits on, so one wake-up
+collects every socket that has ACKs queued, each is drained and answered in the same pass, and
+retransmission deadlines live in one timer heap.  The protocol decisions are all in
+:class:`tftpd.sender.Sender`; this module only moves bytes and time.
+
+File data comes from :class:`tftpd.blocks.BlockSource` (worker threads, read ahead): when a
+block is not read yet, only that transfer waits -- the source calls back when its read is
+done, and the pump picks the transfer up again.
+
+With ``windowsize`` > 1 a window leaves in one ``sendmsg`` with ``UDP_SEGMENT`` (generic
+segmentation offload, Linux >= 4.18): the kernel cuts the buffer into equal datagrams of
+``blksize + 4`` bytes (the last may be shorter).  A socket where the kernel refuses it (no
+checksum offload on the route, a segment larger than the MTU) falls back to one ``send`` per
+datagram for the rest of its transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import heapq
+import itertools
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+import trio
+
+from . import packets
+from .blocks import BlockSource
+from .packets import MalformedPacket
+from .sender import Sender
+
+log = logging.getLogger(__name__)
+
+SOL_UDP = 17
+UDP_SEGMENT = 103  # linux/udp.h
+#: Datagrams per GSO send: the kernel's UDP_MAX_SEGMENTS is 64 on older kernels.
+GSO_MAX_SEGMENTS = 64
+#: Largest UDP payload over IPv4 (65535 - 20 - 8): one GSO buffer may not exceed it.
+GSO_MAX_BYTES = 65507
+
+#: A sender only receives ACKs (4 bytes) and ERRORs; anything longer is truncated, harmlessly.
+_RECV_SIZE = 2048
+#: Longest stretch the pump polls without letting other trio tasks run, seconds.
+_YIELD_EVERY = 0.002
+_EPOLLIN = select.EPOLLIN
+_pack_header = packets.pack_header
+_OP_DATA = packets.OP_DATA
+_OP_ACK = packets.OP_ACK
+_EPOLLOUT = select.EPOLLOUT
+_ERRORS = select.EPOLLERR | select.EPOLLHUP
+_READABLE = _EPOLLIN | _ERRORS
+
+
+class PeerGone(Exception):
+    """The client's port answered with ICMP unreachable: it closed or aborted."""
+
+
+class ClientError(Exception):
+    """The client sent an ERROR packet (normal after a tsize probe)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"code={code} message={message!r}")
+        self.code = code
+        self.message = message
+
+
+class TimedOut(Exception):
+    """The retry budget is spent without an ACK."""
+
+
+class Transfer:
+    """The pump's record of one transfer in its DATA phase."""
+
+    @property
+    def bytes_sent(self) -> int:
+        """Distinct payload bytes sent: every block but the last is full (counted from the
+        sender's state, not per packet)."""
+        sender = self.sender
+        if sender.final is not None:
+            return (sender.final - 1) * self.blksize + self.final_len
+        return sender.sent_upto * self.blksize
+
+    __slots__ = ("sock", "fd", "sender", "source", "blksize", "gso", "final_len", "done",
+                 "error", "finished", "timer_at", "want_write", "ignored")
+
+    def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
+                 gso: bool) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.sender = sender
+        self.source = source
+        self.blksize = blksize
+        self.gso = gso
+        self.final_len = 0  # payload bytes of the last block, once it went out
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.finished = False
+        self.timer_at: float | None = None
+        self.want_write = False
+        self.ignored = 0  # datagrams that were neither ACK nor ERROR
+
+
+class Pump:
+    """The DATA phase of every transfer of this process, in one task (:meth:`run`)."""
+
+    def __init__(self, *, spin_seconds: float = 0.0, spin_max_sessions: int = 1,
+                 active: Callable[[], int] = lambda: 1) -> None:
+        self._ep = select.epoll()
+        self._by_fd: dict[int, Transfer] = {}
+        self._timers: list[tuple[float, int, Transfer]] = []
+        self._tick = itertools.count()
+        self._runnable: list[Transfer] = []
+        self._wait_scope: trio.CancelScope | None = None
+        self._spin = spin_seconds
+        self._spin_max = spin_max_sessions
+        self._active = active
+        #: Passes that found ready sockets, DATA datagrams sent, ``sendmsg`` calls that carried
+        #: several of them (UDP GSO): for tests and the curious.
+        self.wakeups = 0
+        self.datagrams = 0
+        self.gso_sends = 0
+
+    def close(self) -> None:
+        self._ep.close()
+
+    # -- transfers (called from session tasks) -----------------------------------------------
+
+    def add(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int, *,
+            gso: bool = True) -> Transfer:
+        """The record of a transfer about to enter its DATA phase (run it with
+        :meth:`transfer`); the caller reads its byte count however the transfer ends."""
+        return Transfer(sock, sender, source, blksize, gso)
+
+    async def transfer(self, t: Transfer) -> None:
+        """Run the DATA phase of ``t`` to its end.
+
+        Returns when the last block is acknowledged; raises :class:`PeerGone`,
+        :class:`ClientError`, :class:`TimedOut` or the file's ``OSError`` otherwise.
+        Cancelling the caller takes the socket out of the pump (the caller closes it
+        afterwards).
+        """
+        sender, source = t.sender, t.source
+        source.acked = lambda: sender.base - 1  # what read-ahead may drop from its buffer
+        source.on_ready = lambda: self._make_runnable(t)
+        self._by_fd[t.fd] = t
+        try:
+            self._ep.register(t.fd, _EPOLLIN)
+            # The first window goes out now, from the session's task: no pump round trip.
+            self._advance(t, time.perf_counter())
+            self._schedule(t)
+            await t.done.wait()
+        finally:
+            self._detach(t)
+        if t.error is not None:
+            raise t.error
+
+    def _make_runnable(self, t: Transfer) -> None:
+        if t.finished:
+            return
+        self._runnable.append(t)
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    def _detach(self, t: Transfer) -> None:
+        t.source.on_ready = None
+        if self._by_fd.get(t.fd) is t:
+            del self._by_fd[t.fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(t.fd)
+        t.finished = True
+        t.timer_at = None
+
+    def _finish(self, t: Transfer, error: BaseException | None = None) -> None:
+        if t.finished:
+            return
+        t.error = error
+        self._detach(t)
+        t.done.set()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every registered transfer until cancelled.
+
+        While there is work the pump keeps polling its epoll object without a trio round
+        trip, yielding to trio at least every ``_YIELD_EVERY`` seconds (new requests, reads
+        finishing); when a pass finds nothing it sleeps in trio until a socket is readable,
+        the next retransmission is due or a read-ahead completes.
+        """
+        task_status.started()
+        clock = time.perf_counter
+        try:
+            while True:
+                yield_at = clock() + _YIELD_EVERY
+                busy = False
+                while self._pass(clock()):
+                    if clock() >= yield_at:
+                        busy = True
+                        break
+                if busy:  # still work to do: let the other tasks in, then go on
+                    await trio.lowlevel.checkpoint()
+                    continue
+                timers = self._timers
+                deadline = float("inf")
+                if timers:
+                    deadline = timers[0][0] - clock() + trio.current_time()
+                with trio.move_on_at(deadline) as scope:
+                    self._wait_scope = scope
+                    if not self._runnable:
+                        await trio.lowlevel.wait_readable(self._ep.fileno())
+                self._wait_scope = None
+        finally:
+            # Sessions are cancelled before the pump; anything left must not wait forever.
+            for t in list(self._by_fd.values()):
+                self._finish(t, RuntimeError("transfer pump stopped"))
+
+    def _pass(self, now: float) -> bool:
+        """One pass over what is ready: woken transfers, readable sockets, due timers.
+        Returns whether there was anything."""
+        worked = False
+        if self._runnable:
+            runnable, self._runnable = self._runnable, []
+            for t in runnable:
+                if not t.finished:
+                    self._step(t, now, self._advance)
+            worked = True
+        events = self._ep.poll(0, 512)
+        if not events and self._spin and self._by_fd and self._spin_pays():
+            # Few transfers, a CPU to spare and ACKs that come back within microseconds: one
+            # is cheaper to catch by polling than through a sleep and a scheduler round trip.
+            clock = time.perf_counter
+            spin_until = clock() + self._spin
+            while not events and clock() < spin_until:
+                events = self._ep.poll(0, 512)
+            now = clock()
+        if events:
+            self.wakeups += 1
+            by_fd = self._by_fd
+            event = self._event
+            for fd, ev in events:
+                t = by_fd.get(fd)
+                if t is not None:
+                    event(t, now, ev)
+            worked = True
+        timers = self._timers
+        if timers and timers[0][0] <= now:
+            while timers and timers[0][0] <= now:
+                at, _, t = heapq.heappop(timers)
+                if t.timer_at == at and not t.finished:
+                    t.timer_at = None
+                    self._step(t, now, self._expired)
+            worked = True
+        return worked
+
+    def _spin_pays(self) -> bool:
+        """Busy-poll only while at most ``spin_max_sessions`` transfers run and each one's
+        smoothed RTT is shorter than the spin: then an ACK is likely to arrive within it.
+        A storm (many transfers) or a client across a real network (RTT of a millisecond)
+        never makes the pump spin."""
+        if len(self._by_fd) > self._spin_max or self._active() > self._spin_max:
+            return False
+        for t in self._by_fd.values():
+            srtt = t.sender.srtt
+            if srtt is None or srtt > self._spin:
+                return False
+        return True
+
+    def _step(self, t: Transfer, now: float, action: Callable[[Transfer, float], None]) -> None:
+        """Run one handler for ``t``; whatever it raises ends that transfer only."""
+        try:
+            action(t, now)
+        except (PeerGone, ClientError, TimedOut, OSError) as exc:
+            self._finish(t, exc)
+            return
+        except Exception as exc:  # a bug must end this transfer, not the pump
+            log.exception("transfer pump failed fd=%d", t.fd)
+            self._finish(t, exc)
+            return
+        if t.sender.outcome == "ok":
+            self._finish(t)
+        elif not t.finished:
+            self._schedule(t)
+
+    def _schedule(self, t: Transfer) -> None:
+        """Make sure a timer fires no later than the sender's deadline.  Deadlines mostly move
+        later (every ACK pushes them out), so an entry already in the heap is kept and
+        re-armed when it fires early: about one heap push per RTO, not one per packet."""
+        at = t.sender.deadline
+        if at is None or t.finished:
+            return
+        if t.timer_at is None or at < t.timer_at:
+            t.timer_at = at
+            heapq.heappush(self._timers, (at, next(self._tick), t))
+            scope = self._wait_scope
+            if scope is not None:
+                # The pump sleeps: wake it in time (a session's first send).
+                trio_at = at - time.perf_counter() + trio.current_time()
+                if trio_at < scope.deadline:
+                    scope.deadline = trio_at
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def _event(self, t: Transfer, now: float, ev: int) -> None:
+        """A socket is ready: take one datagram, feed it to the sender, send what is due.
+
+        The hot path of every transfer (one call per ACK), so the common case -- an ACK --
+        is handled inline; epoll is level-triggered, so a socket with more datagrams queued
+        is simply reported again in the next pass (fair to the others, and no ``recv`` that
+        fails with EAGAIN, an exception per packet, in lock-step where one ACK is all there
+        is).
+        """
+        sender = t.sender
+        try:
+            if ev != _EPOLLIN and ev & _EPOLLOUT and t.want_write:
+                t.want_write = False
+                self._ep.modify(t.fd, _EPOLLIN)
+            due = None
+            if ev & _READABLE:
+                try:
+                    data = t.sock.recv(_RECV_SIZE)
+                except BlockingIOError:
+                    data = b""
+                except OSError as exc:
+                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+                if len(data) >= 4 and data[1] == _OP_ACK and data[0] == 0:
+                    due = sender.on_ack((data[2] << 8) | data[3], now)
+                    if due is None and sender.outcome is not None:
+                        self._finish(t)
+                        return
+                else:
+                    if data:
+                        self._not_ack(t, data)
+                    due = sender.to_send()
+            else:
+                due = sender.to_send()
+            if due is not None and not t.want_write:
+                first = due[0]
+                if first == due[1]:  # lock-step (or one block due): inlined _transmit
+                    data = t.source.poll(first)
+                    if data is not None:
+                        try:
+                            t.sock.send(_pack_header(_OP_DATA, first & 0xFFFF) + data)
+                        except BlockingIOError:
+                            self._want_write(t)
+                            return
+                        except OSError as exc:
+                            if exc.errno != errno.ENOBUFS:
+                                raise PeerGone(os.strerror(exc.errno or 0)) from None
+                        self.datagrams += 1
+                        if len(data) < t.blksize:
+                            t.final_len = len(data)
+                            sender.sent(first, first, now, final=True)
+                        else:
+                            sender.sent(first, first, now)
+                else:
+                    self._transmit(t, due, now)
+        except (PeerGone, ClientError, OSError) as exc:
+            self._finish(t, exc)
+            return
+        except Exception as exc:  # a bug must end this transfer, not the pump
+            log.exception("transfer pump failed fd=%d", t.fd)
+            self._finish(t, exc)
+            return
+        at = sender.deadline
+        if at is not None and (t.timer_at is None or at < t.timer_at):
+            self._schedule(t)
+
+    @staticmethod
+    def _not_ack(t: Transfer, data: bytes) -> None:
+        """Anything but an ACK from the client: ERROR ends the transfer, the rest is noise."""
+        try:
+            packet = packets.parse(data)
+        except MalformedPacket:
+            t.ignored += 1
+            return
+        if isinstance(packet, packets.Error):
+            raise ClientError(packet.code, packet.message)
+        t.ignored += 1
+
+    def _expired(self, t: Transfer, now: float) -> None:
+        if t.sender.deadline is None or t.sender.deadline > now:
+            self._schedule(t)
+            return
+        if not t.sender.timeout(now):
+            raise TimedOut
+        self._advance(t, now)
+
+    def _advance(self, t: Transfer, now: float) -> None:
+        """Send what the sender says is due (after a timeout, or once a read is done)."""
+        due = t.sender.to_send()
+        if due is not None and not t.want_write:
+            self._transmit(t, due, now)
+
+    def _transmit(self, t: Transfer, due: tuple[int, int], now: float) -> None:
+        """Send blocks ``due`` as far as the file is read (the rest once ``on_ready`` fires)."""
+        sender = t.sender
+        first, last = due
+        source = t.source
+        blksize = t.blksize
+        if first == last:  # lock-step, or one block due
+            data = source.poll(first)
+            if data is None:
+                return
+            try:
+                t.sock.send(_pack_header(_OP_DATA, first & 0xFFFF) + data)
+            except BlockingIOError:
+                self._want_write(t)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:  # ENOBUFS: dropped locally, like a lost packet
+                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+            self.datagrams += 1
+            if len(data) < blksize:
+                t.final_len = len(data)
+            sender.sent(first, first, now, final=len(data) < blksize)
+            return
+        poll = source.poll
+        # [header, payload, header, payload, ...]: a GSO buffer is one join of these, no
+        # intermediate copy per datagram.
+        parts: list[bytes] = []
+        final = False
+        for seq in range(first, last + 1):
+            data = poll(seq)
+            if data is None:
+                break  # on_ready brings us back
+            parts.append(_pack_header(_OP_DATA, seq & 0xFFFF))
+            parts.append(data)
+            if len(data) < blksize:
+                final = True
+                break
+        n = len(parts) // 2
+        if not n:
+            return
+        sent = self._send(t, parts, blksize + 4)
+        self.datagrams += sent
+        if sent:
+            if final and sent == n:
+                t.final_len = len(parts[-1])
+            sender.sent(first, first + sent - 1, now, final=final and sent == n)
+
+    def _send(self, t: Transfer, parts: list[bytes], seg: int) -> int:
+        """Put the datagrams ``parts[2i] + parts[2i + 1]`` on the wire (all but the last
+        ``seg`` bytes long); returns how many went (the rest when writable)."""
+        sock = t.sock
+        n = len(parts) // 2
+        i = 0
+        if t.gso and n > 1:
+            per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg)
+            if per > 1:
+                opt = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg))]
+                while n - i > 1:
+                    k = min(per, n - i)
+                    try:
+                        sock.sendmsg([b"".join(parts[2 * i:2 * (i + k)])], opt)
+                    except BlockingIOError:
+                        self._want_write(t)
+                        return i
+                    except OSError as exc:
+                        if exc.errno == errno.ENOBUFS:
+                            i += k  # dropped locally: the retransmission timer recovers it
+                            continue
+                        if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH,
+                                         errno.ENETUNREACH, errno.EHOSTDOWN):
+                            raise PeerGone(os.strerror(exc.errno)) from None
+                        # The kernel will not segment for this route: one send() each.
+                        log.debug("UDP GSO refused fd=%d error=%s: sending per datagram",
+                                  t.fd, exc.strerror)
+                        t.gso = False
+                        break
+                    self.gso_sends += 1
+                    i += k
+        send = sock.send
+        while i < n:
+            try:
+                send(parts[2 * i] + parts[2 * i + 1])
+            except BlockingIOError:
+                self._want_write(t)
+                return i
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+            i += 1
+        return n
+
+    def _want_write(self, t: Transfer) -> None:
+        t.want_write = True
+        self._ep.modify(t.fd, _EPOLLIN | _EPOLLOUT)
