@@ -190,6 +190,11 @@ def ack_block(datagram: bytes) -> int | None:
     return None
 
 
+#: ``pack_header(OP_DATA, block & 0xFFFF)`` -> the 4-byte DATA header, without a Python call
+#: around it (the transfer pump's per-packet path).
+pack_header = _HEADER.pack
+
+
 def data_header(block: int) -> bytes:
     """The 4-byte DATA header for a 16-bit block number (hot path)."""
     return _HEADER.pack(OP_DATA, block & 0xFFFF)
