@@ -159,6 +159,26 @@ class Disk:
         self.queued = True
         self.set_state(DiskState.ATTACHING, f"queued ({self.config.url if self.config else ''})")
 
+    def seen(self, signature: tuple[int, int, int, int] | None) -> None:
+        self.signature = signature
+
+    def wanted(self) -> None:
+        """A lookup is waiting for this disk: mount it before its batch neighbours."""
+        self.wanted_mono = _now()
+
+    def unqueued(self) -> None:
+        self.queued = False
+
+    def taken(self) -> None:
+        """Taken off the queue into a batch."""
+        self.queued = False
+        self.launching = True
+
+    def retry_alone(self) -> None:
+        """Its shared launch failed: out of that batch; the next launch is its own."""
+        self.solo = True
+        self.launching = False
+
     def take_session(self) -> GuestSession | None:
         s, self.session = self.session, None
         return s
@@ -373,7 +393,7 @@ class DiskManager:
                     wait = max(0.0, disk.next_retry - _now())
                     raise LayerUnavailable(f"disk of {disk.client} failed: {disk.message}; "
                                            f"retry in {wait:.0f} s")
-                disk.wanted_mono = _now()
+                disk.wanted()
                 self._want(disk)
                 await disk.wait_changed()
         if ready is not None:
@@ -461,7 +481,7 @@ class DiskManager:
             self.layers[client] = GuestLayer(DiskSource(self, disk), client)
         if sig == disk.signature and disk.signature is not None:
             return disk
-        disk.signature = sig
+        disk.seen(sig)
         try:
             config = load_config(path)
             error = None
@@ -580,7 +600,7 @@ class DiskManager:
         for d in self._queue:
             alone = d.solo or _has_lv(d)
             if d.config is None:
-                d.queued = False
+                d.unqueued()
             elif alone and not batch:
                 batch = [d]
                 size = 1
@@ -590,8 +610,7 @@ class DiskManager:
                 rest.append(d)
         self._queue = rest
         for d in batch:
-            d.queued = False
-            d.launching = True
+            d.taken()
         return batch
 
     async def _make_room(self, batch: list[Disk]) -> None:
@@ -715,9 +734,9 @@ class DiskManager:
         finally:
             release()
             for d in batch:
+                # (a disk whose config changed may be in a newer batch by now: not ours)
                 if d.launching and current(d):
                     self._finish(d, t0, "attach failed: interrupted")
-                d.launching = False
 
     async def _probe(self, batch: list[Disk], t0: float, versions: dict[Disk, int]
                      ) -> list[Disk]:
@@ -737,7 +756,6 @@ class DiskManager:
         for d in batch:
             error = results.get(d)
             if d.config is None or d.config_version != versions[d]:
-                d.launching = False
                 self._report(d.client, t0, "abandoned: config changed")
             elif error is not None:
                 self._finish(d, t0, f"attach failed: {error}")
@@ -757,7 +775,7 @@ class DiskManager:
             return
         for d in batch:
             if d.config is None or d.config_version != versions[d]:
-                d.launching = False
+                self._report(d.client, t0, "abandoned: config changed")
                 continue
             error = await _reachable(d.config.url.server, d.config.url.protocol)
             if error is not None:
@@ -765,8 +783,7 @@ class DiskManager:
             elif d.solo:
                 self._finish(d, t0, message)
             else:
-                d.solo = True  # one retry with the others; alone after that
-                d.launching = False
+                d.retry_alone()  # one retry with the others; alone after that
                 self._report(d.client, t0, message)
                 self._want(d)
 

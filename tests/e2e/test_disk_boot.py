@@ -6,6 +6,12 @@ the firmware boots at once, while the disk's appliance is still launching: the c
 requests are held (it retransmits) until the disk is attached, never answered with an error,
 and the one boot passes (token of its per-MAC config on the kernel command line, sha256 of
 the initrd payload).
+
+What holding can promise: iPXE retransmits an unanswered request for ~26 s (retry timer
+0.25 s doubling to 10 s), so the boot passes when the appliance launch ends within that
+window after the client's first request.  A TCG launch takes 25-45 s depending on the load:
+when this run's launch ended beyond the window, the test says so and skips instead of
+blaming the product (the client was still held, never refused: that is checked either way).
 """
 
 from __future__ import annotations
@@ -73,15 +79,27 @@ def test_first_boot_while_the_disk_attaches(disk_source: tuple[Path, Path],
             state = json.loads(os.getxattr(mount, "user.vfsroot.status"))[CLIENT_IP]["state"]
             # The point of the test: the firmware starts before the disk is there.
             assert state == "attaching", f"disk already {state} before the boot started"
+            boot_wall = time.time()
             result = boot_ipxe(ns, MAC_IPXE, work / "ipxe.console", timeout=240)
             logs = "\n".join(f"--- {p.name} ---\n{tail(p, 3000)}"
                              for p in (tftpd_log, daemon_log))
             context = (f"boot ended {time.monotonic() - started:.0f} s after the daemon "
                        f"started; console ends:\n{result.console[-3000:]}\n{logs}")
-            assert result.value("TOKEN") == boot_files.tokens[MAC_IPXE], context
-            assert result.value("SHA256") == boot_files.small.payload_sha256, context
             # Held, not refused: no TFTP error went out for the files the disk holds.
             assert "Input/output error" not in tftpd_log.read_text(errors="replace"), logs
+            booted = (result.value("TOKEN") == boot_files.tokens[MAC_IPXE]
+                      and result.value("SHA256") == boot_files.small.payload_sha256)
+            if not booted:
+                disk = json.loads(os.getxattr(mount, "user.vfsroot.status"))[CLIENT_IP]
+                assert disk["state"] == "ready", f"{disk}\n{context}"
+                ready_after = disk["since"] - boot_wall
+                # DHCP with the router advertisement takes iPXE ~6 s, then ~26 s of retries
+                if ready_after > 6 + 26:
+                    pytest.skip(f"the appliance launch ended {ready_after:.0f} s after the "
+                                "firmware started, beyond iPXE's retransmit window (~32 s): "
+                                "this machine is too loaded for the cold-boot check")
+            assert result.value("TOKEN") == boot_files.tokens[MAC_IPXE], context
+            assert result.value("SHA256") == boot_files.small.payload_sha256, context
         finally:
             stop_process(tftpd)
             subprocess.run(["sync"], check=False)
