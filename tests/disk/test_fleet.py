@@ -231,7 +231,7 @@ def test_vfsroot_status_with_1000_configs(tmp_path: pathlib.Path) -> None:
         lines = [ln.split()[0] for ln in out.splitlines() if ln.startswith("  10.2.")]
         assert sorted(lines) == sorted(clients), out[-2000:]
         assert "appliances run on tcg" in out
-        assert took < 1.0 + 0.5, took  # + interpreter start of the CLI itself
+        assert took < 1.0, took  # the whole command, interpreter start included
         t0 = time.monotonic()
         summary = json.loads(os.getxattr(mnt, "user.vfsroot.status.summary"))
         for p in range(summary["pages"]):
