@@ -73,7 +73,7 @@ def run_fleet(n: int, image: pathlib.Path, want_sha: str, tmp: pathlib.Path,
 
     def client(c: str) -> None:
         path = mnt / c / "vmlinuz-6.1"
-        while time.monotonic() - t0 < 900:
+        while time.monotonic() - t0 < 900 and not stop.is_set():
             try:
                 data = path.read_bytes()
             except OSError:
@@ -91,7 +91,7 @@ def run_fleet(n: int, image: pathlib.Path, want_sha: str, tmp: pathlib.Path,
                 raise RuntimeError("vfsroot did not mount")
             time.sleep(0.05)
         threading.Thread(target=sampler, daemon=True).start()
-        threads = [threading.Thread(target=client, args=(c,)) for c in clients]
+        threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in clients]
         for t in threads:
             t.start()
         for t in threads:
