@@ -19,11 +19,12 @@ from typing import Any
 
 from .guest import AttachOptions, GuestProcess, rss_mb
 
-#: Estimated resident memory of an appliance: qemu and the guest kernel, plus per drive (its
-#: qcow2 overlay, block caches and page cache of boot files).  Measured here under TCG with
-#: the default 512 MiB: ~480 MiB for one drive, ~1.4 GiB for 32.
+#: Estimated resident memory of an appliance before it is measured: qemu and the guest
+#: kernel, plus per drive (its qcow2 overlay, caches, page cache of boot files).  Measured
+#: here under TCG with the default 512 MiB (bench/fleet.py, daemon and workers included):
+#: 442 MiB for one disk, 592 MiB for 32; the per-drive figure keeps a margin for page cache.
 BASE_MB = 480.0
-PER_DISK_MB = 30.0
+PER_DISK_MB = 10.0
 #: RSS is read from /proc at most this often per appliance (status of big fleets stays cheap).
 RSS_CACHE_S = 1.0
 
@@ -109,11 +110,10 @@ class Appliance:
         return value
 
     def memory_mb(self) -> float:
-        """What the appliance counts against `--max-memory`: measured, or the estimate
-        while it launches (the larger of the two once it runs: page cache still grows)."""
-        estimate = estimate_mb(self.drives or 1, self.options.memsize_mb)
+        """What the appliance counts against `--max-memory`: its measured RSS (re-read, so
+        page cache that grows is counted), or the estimate while it launches."""
         rss = self.rss_mb()
-        return max(estimate, rss) if rss else estimate
+        return rss if rss else estimate_mb(self.drives or 1, self.options.memsize_mb)
 
     async def close(self) -> None:
         self.members.clear()

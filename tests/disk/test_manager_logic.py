@@ -119,8 +119,8 @@ def test_batches_fill_up_to_the_cap_and_lvm_disks_go_alone(tmp_path: pathlib.Pat
     assert [d.client for d in m._take_batch()] == ["10.0.2.3", "10.0.2.4"]
     assert [d.client for d in m._take_batch()] == ["10.0.2.9"]
     assert m._take_batch() == []
-    # memory bounds a batch too: 480 + 30 per further disk
-    m2 = DiskManager(tmp_path, DiskOptions(disks_per_appliance=32, max_memory=540))
+    # memory bounds a batch too: 480 + 10 per further disk
+    m2 = DiskManager(tmp_path, DiskOptions(disks_per_appliance=32, max_memory=500))
     for i in range(5):
         m2.layer_for(f"10.0.2.{i}")
     assert len(m2._take_batch()) == 3
