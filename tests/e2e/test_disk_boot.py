@@ -7,11 +7,12 @@ requests are held (it retransmits) until the disk is attached, never answered wi
 and the one boot passes (token of its per-MAC config on the kernel command line, sha256 of
 the initrd payload).
 
-What holding can promise: iPXE retransmits an unanswered request for ~26 s (retry timer
-0.25 s doubling to 10 s), so the boot passes when the appliance launch ends within that
-window after the client's first request.  A TCG launch takes 25-45 s depending on the load:
-when this run's launch ended beyond the window, the test says so and skips instead of
-blaming the product (the client was still held, never refused: that is checked either way).
+What holding can promise: iPXE retransmits an unanswered request for ~16 s (retry timer
+0.25 s doubling until it would exceed 10 s; measured: first request ~6 s after the firmware
+starts, "Connection timed out" ~16 s later), so the boot passes when the appliance is ready
+within ~22 s of the firmware's start.  A TCG launch takes 25-45 s here (KVM: ~2 s): when this
+run's disk was ready beyond that window, the test says so and skips instead of blaming the
+product (that the client was held, never refused, is checked either way).
 """
 
 from __future__ import annotations
@@ -93,11 +94,11 @@ def test_first_boot_while_the_disk_attaches(disk_source: tuple[Path, Path],
                 disk = json.loads(os.getxattr(mount, "user.vfsroot.status"))[CLIENT_IP]
                 assert disk["state"] == "ready", f"{disk}\n{context}"
                 ready_after = disk["since"] - boot_wall
-                # DHCP with the router advertisement takes iPXE ~6 s, then ~26 s of retries
-                if ready_after > 6 + 26:
-                    pytest.skip(f"the appliance launch ended {ready_after:.0f} s after the "
-                                "firmware started, beyond iPXE's retransmit window (~32 s): "
-                                "this machine is too loaded for the cold-boot check")
+                # DHCP with the router advertisement takes iPXE ~6 s, then ~16 s of retries
+                if ready_after > 6 + 16:
+                    pytest.skip(f"the disk was ready {ready_after:.0f} s after the firmware "
+                                "started, beyond iPXE's retransmit window (~22 s): a TCG "
+                                "launch is too slow for a cold first boot here")
             assert result.value("TOKEN") == boot_files.tokens[MAC_IPXE], context
             assert result.value("SHA256") == boot_files.small.payload_sha256, context
         finally:
