@@ -81,7 +81,7 @@ def test_first_boot_while_the_disk_attaches(disk_source: tuple[Path, Path],
             # The point of the test: the firmware starts before the disk is there.
             assert state == "attaching", f"disk already {state} before the boot started"
             boot_wall = time.time()
-            result = boot_ipxe(ns, MAC_IPXE, work / "ipxe.console", timeout=240)
+            result = boot_ipxe(ns, MAC_IPXE, work / "ipxe.console", timeout=150)
             logs = "\n".join(f"--- {p.name} ---\n{tail(p, 3000)}"
                              for p in (tftpd_log, daemon_log))
             context = (f"boot ended {time.monotonic() - started:.0f} s after the daemon "
