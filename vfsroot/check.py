@@ -41,7 +41,7 @@ async def _launch(force_tcg: bool, timeout: float, memsize: int) -> tuple[bool, 
     proc = GuestProcess("check-" + ("tcg" if force_tcg else "kvm"), opts)
     t0 = time.monotonic()
     try:
-        await proc.start("", "", [], scratch=16 * 1024 * 1024)
+        await proc.start([], scratch=16 * 1024 * 1024)
     except GuestProcessError as e:
         return False, f"{e.strerror}"
     except OSError as e:

@@ -154,22 +154,46 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_status(mount: Path) -> tuple[dict | None, dict[str, dict]]:
+    """(summary, {client: status}).  The paged xattrs first: the whole status of a big fleet
+    exceeds the kernel's 64 KiB xattr limit ("Argument list too long")."""
+    try:
+        summary = json.loads(_xattr(mount, "user.vfsroot.status.summary"))
+    except QuietError:
+        return None, json.loads(_xattr(mount, "user.vfsroot.status"))  # an older daemon
+    disks: dict[str, dict] = {}
+    for page in range(int(summary.get("pages", 1))):
+        disks.update(json.loads(_xattr(mount, f"user.vfsroot.status.page.{page}")))
+    return summary, disks
+
+
 def _status(args: argparse.Namespace) -> int:
     if not Path(args.mount, DEFAULT).is_dir():
         raise QuietError(f"no vfsroot mounted at {args.mount} (start: vfsroot serve)", 1)
-    status = json.loads(_xattr(Path(args.mount), "user.vfsroot.status"))
+    summary, status = _read_status(Path(args.mount))
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True))
+        print(json.dumps(status if summary is None else {"summary": summary, "disks": status},
+                         indent=2, sort_keys=True))
         return 0
-    clients = sorted(os.listdir(args.mount))
-    print(f"mount {args.mount}: {len(clients) - 1} known client(s), {len(status)} disk(s)")
     now = time.time()
+    print(f"mount {args.mount}: {len(status)} disk(s)")
+    if summary is not None:
+        acc = summary.get("accelerator") or "undecided"
+        print(f"appliances run on {acc}: {summary.get('accelerator_reason', '')}")
+        apps = summary.get("appliances", [])
+        print(f"{len(apps)} appliance(s), memory {summary.get('memory_mb', 0):.0f} of "
+              f"{summary.get('max_memory_mb', 0)} MiB, {summary.get('queued', 0)} disk(s) queued")
+        for a in apps:
+            rss = f"{a['rss_mb']:.0f} MiB" if a.get("rss_mb") else "launching"
+            print(f"  appliance {a['id']}: {rss}, {len(a['disks'])} of {a['drives']} disk(s): "
+                  f"{' '.join(a['disks'])}")
     for client, disk in sorted(status.items()):
         state = disk.get("state", "?")
         message = disk.get("message") or ""
         since = disk.get("since")
         age = f" for {now - since:.0f}s" if isinstance(since, (int, float)) else ""
-        print(f"  {client:<16} {state}{age}{(': ' + message) if message else ''}")
+        where = f" [{disk['appliance']}]" if disk.get("appliance") else ""
+        print(f"  {client:<16} {state}{age}{where}{(': ' + message) if message else ''}")
     return 0
 
 

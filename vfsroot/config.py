@@ -6,8 +6,10 @@ The format is rtftp's, so existing fleets keep their files::
      "mounts": [{"partition": 2, "mountpoint": "/"}, {"partition": 1, "mountpoint": "/boot"}],
      "tftp_root": "/boot"}
 
-plus two extensions rtftp lacks: a mount may name a whole disk without a partition table
-(`"partition": 0`, or `"device": "/dev/sda"`) or an LVM logical volume (`"lv": "vg/root"`).
+plus extensions rtftp lacks: a mount may name a whole disk without a partition table
+(`"partition": 0`, or `"device": "/dev/sda"`) or an LVM logical volume (`"lv": "vg/root"`),
+and the URL may be an iSCSI LUN, `iscsi://host[:port]/<target-iqn>/<lun>` (open-iscsi root
+filesystems of PXE-booted clients live on those), read through libguestfs' iscsi protocol.
 
 Why strict: the file is written by people, and a typo must never turn into "the client quietly
 boots the default kernel".  Every error names the file and the field (`ConfigError`), the
@@ -30,6 +32,12 @@ from typing import Any
 
 #: NBD's IANA port, used when the URL has none (as qemu and nbd-client do).
 DEFAULT_NBD_PORT = 10809
+#: iSCSI's IANA port (RFC 7143), used when an iscsi:// URL has none.
+DEFAULT_ISCSI_PORT = 3260
+#: An iSCSI target name: iqn./eui./naa. forms of RFC 3720 section 3.2.6.3 (lower case,
+#: no "/" and nothing qemu's option syntax would read as a separator).
+_IQN = re.compile(r"^(iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9][a-z0-9.-]*(:[a-z0-9._:-]+)?"
+                  r"|eui\.[0-9a-f]{16}|naa\.[0-9a-f]{16}([0-9a-f]{16})?)\Z")
 #: A config larger than this is certainly not a disk config (and is not read whole).
 MAX_CONFIG_BYTES = 64 * 1024
 
@@ -65,6 +73,9 @@ class NbdUrl:
     port: int = DEFAULT_NBD_PORT
     socket: str = ""
 
+    #: libguestfs' `add_drive_opts(protocol=...)`.
+    protocol = "nbd"
+
     @property
     def server(self) -> str:
         """The server in libguestfs' `add_drive_opts(server=[...])` syntax."""
@@ -80,6 +91,33 @@ class NbdUrl:
             return f"nbd+unix:///{export}?socket={self.socket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"nbd://{host}:{self.port}/{export}"
+
+
+@dataclass(frozen=True, slots=True)
+class IscsiUrl:
+    """A parsed `iscsi://host[:port]/<target-iqn>/<lun>` (no CHAP: the URL has no secret)."""
+
+    host: str
+    target: str
+    lun: int
+    port: int = DEFAULT_ISCSI_PORT
+
+    protocol = "iscsi"
+    transport = "tcp"
+
+    @property
+    def server(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+    @property
+    def export(self) -> str:
+        """libguestfs' iscsi "filename": `<target-iqn>/<lun>`."""
+        return f"{self.target}/{self.lun}"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"iscsi://{host}:{self.port}/{self.target}/{self.lun}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +141,14 @@ class MountSpec:
 class DiskConfig:
     """A validated `<ip>.nbd`.  Two configs compare equal iff they describe the same view."""
 
-    url: NbdUrl
+    url: NbdUrl | IscsiUrl
     mounts: tuple[MountSpec, ...]
     tftp_root: str = "/"
 
 
-def parse_url(text: object, path: pathlib.Path | str = "<config>", field: str = "url") -> NbdUrl:
-    """Parse an NBD URL; errors are `ConfigError`s naming `field`."""
+def parse_url(text: object, path: pathlib.Path | str = "<config>", field: str = "url"
+              ) -> NbdUrl | IscsiUrl:
+    """Parse an NBD or iSCSI URL; errors are `ConfigError`s naming `field`."""
 
     def fail(message: str) -> ConfigError:
         return ConfigError(path, field, message)
@@ -129,6 +168,8 @@ def parse_url(text: object, path: pathlib.Path | str = "<config>", field: str = 
     if parts.username is not None or parts.password is not None:
         raise fail("user names and passwords are not supported")
     export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if scheme == "iscsi":
+        return _parse_iscsi(parts, port, export, fail)
     if not _SAFE_NAME.match(export) or len(export) > 4096:
         raise fail(f"export name {export!r} may only contain letters, digits and ._~/+@=-")
     if scheme == "nbd":
@@ -166,7 +207,37 @@ def parse_url(text: object, path: pathlib.Path | str = "<config>", field: str = 
         return NbdUrl("unix", export, socket=posixpath.normpath(sock))
     if scheme in ("nbds", "nbds+unix", "nbd+vsock", "nbds+vsock"):
         raise fail(f"{scheme}:// is not supported (use nbd:// or nbd+unix://)")
-    raise fail(f"scheme must be nbd:// or nbd+unix://, not {parts.scheme or 'missing'}")
+    raise fail(f"scheme must be nbd://, nbd+unix:// or iscsi://, not "
+               f"{parts.scheme or 'missing'}")
+
+
+def _host(parts: urllib.parse.SplitResult, example: str, fail: Any) -> str:
+    host = parts.hostname or ""
+    if not host:
+        raise fail(f"needs a host, e.g. {example}")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise fail(f"host {host!r} is not an IP address or host name") from None
+    return host
+
+
+def _parse_iscsi(parts: urllib.parse.SplitResult, port: int | None, path: str,
+                 fail: Any) -> IscsiUrl:
+    example = "iscsi://10.0.0.5:3260/iqn.2024-01.org.example:client5/1"
+    if parts.query:
+        raise fail("iscsi:// URLs take no query parameters")
+    host = _host(parts, example, fail)
+    if port == 0:
+        raise fail("port must be 1-65535")
+    target, _, lun = path.rpartition("/")
+    if not target or not _IQN.match(target):
+        raise fail(f"target {target!r} is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id],"
+                   f" lower case), e.g. {example}")
+    if not lun.isdigit() or not lun.isascii() or int(lun) > 16383:
+        raise fail(f"LUN {lun!r} must be a number 0-16383, e.g. {example}")
+    return IscsiUrl(host=host, target=target, lun=int(lun), port=port or DEFAULT_ISCSI_PORT)
 
 
 def parse_config(data: bytes | str, path: pathlib.Path | str = "<config>") -> DiskConfig:

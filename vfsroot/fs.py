@@ -49,6 +49,10 @@ XATTR_SOURCE = b"user.vfsroot.source"
 XATTR_EXPLAIN = b"user.vfsroot.explain"
 #: JSON status of all disks on the mount root, of one client's disk on /<ip> (`vfsroot status`).
 XATTR_STATUS = b"user.vfsroot.status"
+#: The same for fleets whose whole status exceeds the kernel's 64 KiB xattr limit, on the mount
+#: root: a summary (appliances, counts, page count), then pages of clients; not listed.
+XATTR_STATUS_SUMMARY = b"user.vfsroot.status.summary"
+XATTR_STATUS_PAGE = b"user.vfsroot.status.page."
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -409,6 +413,8 @@ class VfsOperations(pyfuse3.Operations):
         key = self._key(inode)
         if name == XATTR_STATUS:
             return self._status_json(key)
+        if key.client is None and name.startswith(XATTR_STATUS + b"."):
+            return self._status_paged(name)
         if key.client is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         if name == XATTR_EXPLAIN:
@@ -435,6 +441,16 @@ class VfsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENODATA)
             status = status.get(key.client, {"state": "none"})
         return json.dumps(status, sort_keys=True).encode()
+
+    def _status_paged(self, name: bytes) -> bytes:
+        disks: Any = self.disks
+        if name == XATTR_STATUS_SUMMARY and hasattr(disks, "status_summary"):
+            return json.dumps(disks.status_summary(), sort_keys=True).encode()
+        page = name[len(XATTR_STATUS_PAGE):]
+        if name.startswith(XATTR_STATUS_PAGE) and page.isdigit() and hasattr(disks,
+                                                                             "status_page"):
+            return json.dumps(disks.status_page(int(page)), sort_keys=True).encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def _explain_json(self, key: Key) -> bytes:
         assert key.client is not None

@@ -1,15 +1,16 @@
-"""The daemon's side of a client disk: a killable worker process and a snapshot session on it.
+"""The daemon's side of client disks: a killable worker process and per-disk snapshot sessions.
 
-`GuestProcess` starts `vfsroot.guestfs_worker` (one libguestfs handle) in its own process
-group and talks to it over a pipe.  Every call is bounded; on a timeout or cancellation the
-worker and everything it started (qemu, libguestfs' recovery process) are killed, so a hung
-appliance launch costs a timeout, never a stuck daemon.  Calls are serialised per process: a
-guestfs handle runs one call at a time anyway, and the lock is the "one limiter per handle".
+`GuestProcess` starts `vfsroot.guestfs_worker` (one libguestfs handle, one appliance, many
+disks: see `vfsroot.appliance`) in its own process group and talks to it over a pipe.  Every
+call is bounded; on a timeout or cancellation the worker and everything it started (qemu,
+libguestfs' recovery process) are killed, so a hung appliance launch costs a timeout, never a
+stuck daemon.  Calls are serialised per process: a guestfs handle runs one call at a time
+anyway, and the lock is the "one limiter per handle".
 
-`GuestSession` is one attached, mounted disk seen as a *snapshot*: answers are cached in the
-daemon until the next `refresh()` (a remount in the appliance), and open `GuestReader`s pin
-the snapshot so a transfer in progress never reads a mix of old and new (refresh waits until
-no reader is open).
+`GuestSession` is one mounted disk of an appliance seen as a *snapshot*: answers are cached
+in the daemon until the next `refresh()` (a remount of that disk in the appliance), and open
+`GuestReader`s pin the snapshot so a transfer in progress never reads a mix of old and new
+(refresh waits until no reader is open).
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ import errno
 import logging
 import os
 import pathlib
-import pickle
 import signal
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .config import DiskConfig
+from .framing import FrameDecoder, encode
 from .layers.base import Kind, Node, Path
+
+if TYPE_CHECKING:
+    from .appliance import Appliance
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +112,12 @@ class GuestProcess:
         self.qemu_pid: int | None = None
         self._lock = trio.Lock()
         self._dead: str | None = None
-        self._buf = bytearray()
+        self._decoder = FrameDecoder()
 
-    async def start(self, server: str, export: str, mounts: list[dict[str, Any]],
-                    scratch: int = 0) -> dict:
-        """Start the worker, launch the appliance and mount; bounded by `attach_timeout`.
-        `scratch` (bytes) launches on an empty scratch disk instead (for `vfsroot check`)."""
+    async def start(self, drives: list[dict[str, Any]], scratch: int = 0) -> dict:
+        """Start the worker and launch the appliance with `drives` (see
+        `guestfs_worker.Worker.launch`); bounded by `attach_timeout`.  `scratch` (bytes) adds
+        an empty scratch disk (for `vfsroot check` and the KVM probe)."""
         env = dict(os.environ)
         env["LIBGUESTFS_BACKEND"] = "direct"  # libvirt adds nothing here but failure modes
         if self.options.force_tcg:
@@ -127,10 +130,9 @@ class GuestProcess:
             [self.options.python, "-m", "vfsroot.guestfs_worker"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
         )
-        spec = {"server": server, "export": export, "mounts": mounts, "scratch": scratch,
-                "memsize": self.options.memsize_mb, "force_tcg": self.options.force_tcg}
+        spec = {"drives": drives, "scratch": scratch, "memsize": self.options.memsize_mb}
         try:
-            info = await self.call("attach", spec, timeout=self.options.attach_timeout,
+            info = await self.call("launch", spec, timeout=self.options.attach_timeout,
                                    what="appliance launch", cancellable=True)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -159,8 +161,7 @@ class GuestProcess:
             with trio.CancelScope(shield=not cancellable), \
                     trio.move_on_after(timeout) as scope:
                 try:
-                    body = pickle.dumps((op, args), protocol=pickle.HIGHEST_PROTOCOL)
-                    await self.proc.stdin.send_all(struct.pack(">I", len(body)) + body)
+                    await self.proc.stdin.send_all(encode((op, args)))
                     reply = await self._recv()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as e:
                     reason = f"worker died during {what or op} ({type(e).__name__})"
@@ -187,17 +188,9 @@ class GuestProcess:
 
     async def _recv(self) -> Any:
         assert self.proc is not None and self.proc.stdout is not None
-        while True:
-            if len(self._buf) >= 4:
-                (length,) = struct.unpack(">I", self._buf[:4])
-                if len(self._buf) >= 4 + length:
-                    body = bytes(self._buf[4:4 + length])
-                    del self._buf[:4 + length]
-                    return pickle.loads(body)
-            chunk = await self.proc.stdout.receive_some(4 * 1024 * 1024)
-            if not chunk:
-                raise EOFError
-            self._buf += chunk
+        while not self._decoder:
+            self._decoder.feed(await self.proc.stdout.receive_some(4 * 1024 * 1024))
+        return self._decoder.pop()
 
     @property
     def alive(self) -> bool:
@@ -211,8 +204,7 @@ class GuestProcess:
             self._dead = "closed"
             with trio.move_on_after(timeout):
                 try:
-                    body = pickle.dumps(("close", ()))
-                    await self.proc.stdin.send_all(struct.pack(">I", len(body)) + body)
+                    await self.proc.stdin.send_all(encode(("close", ())))
                     await self.proc.wait()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
@@ -243,14 +235,33 @@ class GuestProcess:
             log.debug("disk=%s killed pids=%s", self.label, victims)
 
 
-class GuestSession:
-    """An attached, mounted disk as a snapshot of the client's boot tree."""
+def drive_spec(disk_id: str, config: DiskConfig) -> dict[str, Any]:
+    """What the worker needs to add the disk's drive (see `guestfs_worker.Worker.launch`)."""
+    url = config.url
+    return {"id": disk_id, "protocol": url.protocol, "server": url.server,
+            "export": url.export}
 
-    def __init__(self, client: str, config: DiskConfig, options: AttachOptions) -> None:
+
+def mount_specs(config: DiskConfig) -> list[dict[str, Any]]:
+    return [{"partition": m.partition, "lv": m.lv, "mountpoint": m.mountpoint,
+             "label": m.label} for m in config.mounts]
+
+
+class GuestSession:
+    """One mounted disk of an appliance as a snapshot of the client's boot tree.
+
+    Made either on an appliance the caller launched (`vfsroot.disks` puts many disks in one)
+    and then `mount()`ed, or alone with `attach()`, which launches a private appliance for
+    this disk only (tests, benchmarks)."""
+
+    def __init__(self, client: str, config: DiskConfig, options: AttachOptions,
+                 appliance: Appliance | None = None, disk_id: str | None = None) -> None:
         self.client = client
         self.config = config
         self.options = options
-        self.process = GuestProcess(f"{client}({config.url})", options)
+        self.disk_id = disk_id or client
+        self.appliance = appliance
+        self._owns_appliance = appliance is None
         self.root: Path = tuple(p for p in config.tftp_root.split("/") if p)
         self.generation = 0
         self.snapshot_at = 0.0
@@ -267,32 +278,52 @@ class GuestSession:
     # --- life -----------------------------------------------------------------------------
 
     async def attach(self) -> dict[str, Any]:
-        mounts = [{"partition": m.partition, "lv": m.lv, "mountpoint": m.mountpoint,
-                   "label": m.label} for m in self.config.mounts]
-        url = self.config.url
+        """Launch a private appliance for this disk alone, then mount it."""
+        from .appliance import Appliance  # noqa: PLC0415  (appliance imports this module)
+
         t0 = time.monotonic()
-        self.info = await self.process.start(url.server, url.export, mounts)
-        self.info["attach_s"] = time.monotonic() - t0
+        self.appliance = Appliance(self.options, label=f"{self.client}({self.config.url})")
+        self._owns_appliance = True
+        try:
+            info = await self.appliance.launch([drive_spec(self.disk_id, self.config)])
+            if self.disk_id in info["failed"]:
+                err, message = info["failed"][self.disk_id]
+                raise OSError(err, message)
+            await self.mount()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.close()
+            raise
+        self.info = {**info, **self.info, "attach_s": time.monotonic() - t0}
+        return self.info
+
+    async def mount(self) -> dict[str, Any]:
+        """Mount the disk in its (launched) appliance and check `tftp_root`."""
+        assert self.appliance is not None
+        self.info = dict(await self._call("mount", mount_specs(self.config), what="mount"))
         self.snapshot_at = time.monotonic()
         root = await self.lookup(())
         if root is None or not root.is_dir:
-            await self.close()
             raise OSError(errno.ENOENT, f"tftp_root {self.config.tftp_root} is not a directory "
                           "on the disk")
         return self.info
 
     async def close(self) -> None:
+        """Stop answering.  A private appliance is closed; a shared one is the owner's."""
         self.closed = True
         self._nodes.clear()
-        await self.process.close()
+        if self._owns_appliance and self.appliance is not None:
+            await self.appliance.close()
 
     @property
     def alive(self) -> bool:
-        return not self.closed and self.io_error is None and self.process.alive
+        return (not self.closed and self.io_error is None and self.appliance is not None
+                and self.appliance.alive)
 
     async def _call(self, op: str, *args: Any, what: str | None = None) -> Any:
+        assert self.appliance is not None
         try:
-            return await self.process.call(op, *args, what=what)
+            return await self.appliance.call(op, self.disk_id, *args, what=what)
         except GuestProcessError:
             raise
         except OSError as e:
@@ -304,7 +335,7 @@ class GuestSession:
 
     @property
     def qemu_pid(self) -> int | None:
-        return self.process.qemu_pid
+        return self.appliance.qemu_pid if self.appliance is not None else None
 
     def age(self) -> float:
         return time.monotonic() - self.snapshot_at

@@ -1,4 +1,4 @@
-"""The libguestfs side of a client disk: one worker process per disk, one handle per process.
+"""The libguestfs side of client disks: one worker process per appliance, many disks in it.
 
 This is the only module that imports `guestfs`, and only inside the worker process, so the
 daemon, the layers and the tests import without it.
@@ -8,9 +8,17 @@ KVM does on some hosts, this one included).  A thread stuck in C cannot be stopp
 can be killed, with its qemu.  The parent (`vfsroot.guest.GuestProcess`) bounds every call and
 kills this process (and its descendants) on timeout.
 
-Protocol on stdin/stdout: frames of a 4-byte big-endian length and a pickle.  Requests are
-`(op, args)`; replies `("ok", value)` or `("err", errno, message)`.  Pickle is fine here: both
-ends are this package, over a private pipe.
+Protocol on stdin/stdout: frames (`vfsroot.framing`).  Requests are `(op, args)`; replies
+`("ok", value)` or `("err", errno, message)`.
+
+One appliance hosts many disks (a launch costs 25-45 s and ~450 MiB under TCG; each further
+drive costs ~30 MiB and no launch).  `launch` adds every drive, each under a label, before the
+one `launch()` (drives cannot be added later).  With `readonly=True`, `add_drive_opts` builds
+the overlay with qemu-img, which connects to the server: an unreachable disk fails its own add,
+is reported in the answer and left out, and the others launch.  Each disk is then mounted on
+its own (`mount`, so the first one asked for is served before the rest of the batch) under a
+mountpoint of its own, `/<n>`, made with `mkmountpoint` (which is why nothing here may use
+`umount_all`).  Every later call names its disk; paths in answers are the disk's own.
 
 Everything the worker returns is already resolved inside the *guest* tree: symlinks (absolute
 ones against the guest root, never the host's), loops (ELOOP), escapes above the guest root
@@ -23,16 +31,17 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
+import re
 import socket
 import stat
-import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vfsroot.fileio import read_exact
+from vfsroot.framing import FrameDecoder, encode
 
 #: libguestfs refuses single preads above its message limit (4 MiB); 2 MiB is safe and large.
 PREAD_CHUNK = 2 * 1024 * 1024
@@ -49,7 +58,9 @@ MOUNT_OPTIONS = {
     "ext2": "ro",
     "ext3": "ro,noload",
     "ext4": "ro,noload",
-    "xfs": "ro,norecovery",
+    # nouuid: disks of a fleet cloned from one image share their XFS UUID, and XFS refuses
+    # to mount a second filesystem with a UUID already mounted in the same kernel.
+    "xfs": "ro,norecovery,nouuid",
     "vfat": "ro",
     "msdos": "ro",
     "btrfs": "ro,nologreplay",
@@ -77,82 +88,173 @@ def errno_of(e: BaseException) -> int:
     return errno.EIO
 
 
+#: libguestfs names partitions of its (virtio-scsi) drives /dev/sd<letters><number>.
+_PARTITION = re.compile(r"^(/dev/sd[a-z]+)([1-9][0-9]*)$")
+
+
+def _label(index: int) -> str:
+    """A drive label for libguestfs (letters only): 0 -> "vfsrootA", 27 -> "vfsrootBB"."""
+    out = ""
+    index += 1
+    while index:
+        index, r = divmod(index - 1, 26)
+        out = chr(ord("A") + r) + out
+    return "vfsroot" + out
+
+
 class Worker:
-    """State of one disk inside the worker process."""
+    """The appliance: one guestfs handle and the disks launched in it."""
 
     def __init__(self) -> None:
         self.g: Any = None
-        self.spec: dict[str, Any] = {}
-        self.devices: list[tuple[str, str, str, str]] = []  # (device, mountpoint, options, label)
-        self.warnings: list[str] = []
-        self._lstat: dict[str, dict | None] = {}
-        self._link: dict[str, str] = {}
+        self.disks: dict[str, GuestDisk] = {}
         self._scratch: Any = None
+        self._partitions: dict[str, dict[int, str]] | None = None
 
-    # --- life -------------------------------------------------------------------------------
+    def partitions(self) -> dict[str, dict[int, str]]:
+        """{device: {number: partition}} of every drive, listed once per appliance: under TCG
+        each guest call costs tens of ms, and asking part_to_dev/part_to_partnum for every
+        partition of 32 drives at every disk's mount took minutes (measured)."""
+        if self._partitions is None:
+            out: dict[str, dict[int, str]] = {}
+            for part in self.g.list_partitions():
+                m = _PARTITION.match(part)
+                dev, num = (m.group(1), int(m.group(2))) if m else (
+                    self.g.part_to_dev(part), self.g.part_to_partnum(part))
+                out.setdefault(dev, {})[num] = part
+            self._partitions = out
+        return self._partitions
 
-    def attach(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def launch(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Add every drive of `spec["drives"]` (a failed add is that disk's error, reported,
+        not the launch's), then launch once."""
         try:
             import guestfs  # noqa: PLC0415  (lazy: only the worker needs it)
         except ImportError as e:
             raise GuestError(errno.ENOSYS, f"python3-guestfs is not importable by "
                              f"{sys.executable} ({e}); install python3-guestfs and run "
                              "vfsroot from a venv made with --system-site-packages") from None
-        self.spec = spec
         g = guestfs.GuestFS(python_return_dict=True)
         self.g = g
         if spec.get("memsize"):
             g.set_memsize(int(spec["memsize"]))
+        # Under TCG qemu keeps translated guest code in a cache of up to 1 GiB, keyed by
+        # virtual address: with address-space randomisation every mount/blkid the appliance
+        # runs (two per filesystem) is translated anew, and a 32-disk appliance's RSS grew by
+        # ~15 MiB/s while mounting (measured).  Fixed addresses let those runs reuse it.
+        g.set_append("norandmaps")
         # force_tcg arrives through LIBGUESTFS_BACKEND_SETTINGS (the parent sets it):
         # set_backend_setting("force_tcg", "") segfaults at launch with Debian 12's 1.48.
+        failed: dict[str, tuple[int, str]] = {}
+        added: list[str] = []
         if spec.get("scratch"):
-            # `vfsroot check`: a launch without network.  (add_drive_scratch segfaults in
-            # Debian 12's binding at launch, so an empty sparse file instead.)
+            # `vfsroot check` and the KVM probe: a launch without network.  (add_drive_scratch
+            # segfaults in Debian 12's binding at launch, so an empty sparse file instead.)
             self._scratch = tempfile.NamedTemporaryFile(prefix="vfsroot-check-")  # noqa: SIM115
             self._scratch.truncate(int(spec["scratch"]))
             self._scratch.flush()
             g.add_drive_opts(self._scratch.name, format="raw", readonly=True)
-        else:
+        for i, drive in enumerate(spec.get("drives", [])):
+            label = _label(i)
             # readonly=True creates the qcow2 overlay right here, and qemu-img connects to
-            # the NBD server to do it: an unreachable server fails (or hangs) in this call.
+            # the server to do it: an unreachable server fails (or hangs) in this call.
             try:
-                g.add_drive_opts(spec["export"], format="raw", readonly=True, protocol="nbd",
-                                 server=[spec["server"]])
+                g.add_drive_opts(drive["export"], format="raw", readonly=True,
+                                 protocol=drive["protocol"], server=[drive["server"]],
+                                 label=label)
             except RuntimeError as e:
-                raise self._nbd_error(e) from None
+                err = _server_error(drive, e)
+                failed[drive["id"]] = (err.errno, _one_line(str(err)))
+                continue
+            self.disks[drive["id"]] = GuestDisk(g, drive, label, f"/{len(added)}",
+                                                self.partitions)
+            added.append(drive["id"])
+        if not added and not spec.get("scratch"):
+            return {"launched": False, "added": [], "failed": failed}
         t0 = time.monotonic()
         try:
             g.launch()
         except RuntimeError as e:
-            if spec.get("scratch"):
-                raise
-            raise self._nbd_error(e, launching=True) from None
+            raise GuestError(errno_of(e), f"appliance launch failed: {_one_line(str(e))}"
+                             ) from None
         launched = time.monotonic() - t0
-        self._mount_all(first=True)
-        return {"launch_s": launched, "mount_s": time.monotonic() - t0 - launched,
-                "qemu_pid": g.get_pid(), "mounts": self.devices}
+        labels = g.list_disk_labels() if added else {}
+        for disk in self.disks.values():
+            disk.device = labels.get(disk.label, "")
+            g.mkmountpoint(disk.prefix)
+        return {"launched": True, "launch_s": launched, "qemu_pid": g.get_pid(),
+                "added": added, "failed": failed}
 
-    def _nbd_error(self, e: RuntimeError, launching: bool = False) -> GuestError:
-        """libguestfs says "qemu-img exited with error status 1"; say what is wrong."""
-        server = self.spec["server"]
-        where = server.split(":", 1)[1]
+    def disk(self, disk_id: str) -> GuestDisk:
         try:
-            if server.startswith("unix:"):
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.settimeout(5)
-                    s.connect(where)
-            else:
-                host, _, port = where.rpartition(":")
-                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-        except OSError as probe:
-            reason = probe.strerror or str(probe)
-            return GuestError(probe.errno or errno.EHOSTUNREACH,
-                              f"NBD server {where} unreachable: {reason}")
-        if launching:
-            return GuestError(errno_of(e), f"appliance launch failed: {_one_line(str(e))}")
-        return GuestError(errno_of(e), f"NBD server {where} is reachable but the disk could "
-                          f"not be opened (export {self.spec['export']!r}?): "
-                          f"{_one_line(str(e))}")
+            return self.disks[disk_id]
+        except KeyError:
+            raise GuestError(errno.ENODEV, f"disk {disk_id} is not in this appliance") from None
+
+    def mount(self, disk_id: str, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self.disk(disk_id).mount_first(mounts)
+        return {"mount_s": time.monotonic() - t0}
+
+    def unmount(self, disk_id: str) -> None:
+        """The disk leaves this appliance (detached, or moved to another); its drive stays in
+        qemu until the appliance closes (the direct backend cannot unplug drives)."""
+        disk = self.disks.pop(disk_id, None)
+        if disk is not None:
+            disk.umount()
+
+    def close(self) -> None:
+        if self.g is not None:
+            try:
+                self.g.shutdown()
+            except RuntimeError:
+                pass  # qemu is already gone (killed, or crashed): nothing to shut down
+            finally:
+                self.g.close()
+                self.g = None
+
+
+def _server_error(drive: dict[str, Any], e: RuntimeError) -> GuestError:
+    """libguestfs says "qemu-img exited with error status 1"; say what is wrong."""
+    server = drive["server"]
+    where = server.split(":", 1)[1]
+    kind = "iSCSI target" if drive["protocol"] == "iscsi" else "NBD server"
+    try:
+        if server.startswith("unix:"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(where)
+        else:
+            host, _, port = where.rpartition(":")
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as probe:
+        reason = probe.strerror or str(probe)
+        return GuestError(probe.errno or errno.EHOSTUNREACH,
+                          f"{kind} {where} unreachable: {reason}")
+    what = "target/LUN" if drive["protocol"] == "iscsi" else "export"
+    return GuestError(errno_of(e), f"{kind} {where} is reachable but the disk could "
+                      f"not be opened ({what} {drive['export']!r}?): {_one_line(str(e))}")
+
+
+class GuestDisk:
+    """One client disk inside the appliance: its drive, mounts and lookup caches."""
+
+    def __init__(self, g: Any, drive: dict[str, Any], label: str, prefix: str,
+                 partitions: Callable[[], dict[str, dict[int, str]]]) -> None:
+        self.g = g
+        self.partitions = partitions
+        self.drive = drive
+        self.label = label
+        self.prefix = prefix
+        self.device = ""
+        self.devices: list[tuple[str, str, str, str]] = []  # (device, mountpoint, options, label)
+        self.mounted: list[str] = []  # appliance paths, in mount order
+        self._lstat: dict[str, dict | None] = {}
+        self._link: dict[str, str] = {}
+
+    def _g(self, path: str) -> str:
+        """The appliance path of the disk path `path`."""
+        return self.prefix if path in ("", "/") else self.prefix + path
 
     def _device_for(self, m: dict[str, Any]) -> str:
         g = self.g
@@ -163,61 +265,64 @@ class Worker:
                 raise GuestError(errno.ENOENT, f"logical volume {m['lv']} not found on the disk "
                                  f"(found: {', '.join(lvs) or 'none'})")
             return dev
-        disk = g.list_devices()[0]
+        disk = self.device
+        if not disk:
+            raise GuestError(errno.ENODEV, "the disk's drive is missing from the appliance")
         n = m["partition"]
         if n == 0:
             return disk
-        for part in g.list_partitions():
-            if g.part_to_dev(part) == disk and g.part_to_partnum(part) == n:
-                return part
-        found = [str(g.part_to_partnum(p)) for p in g.list_partitions()]
+        parts = self.partitions().get(disk, {})
+        if n in parts:
+            return parts[n]
+        found = [str(p) for p in sorted(parts)]
         raise GuestError(errno.ENOENT, f"partition {n} does not exist on the disk "
                          f"(partitions: {', '.join(found) or 'none'})")
 
-    def _mount_all(self, first: bool) -> None:
+    def mount_first(self, mounts: list[dict[str, Any]]) -> None:
         g = self.g
-        if first:
-            self.devices = []
-            for m in self.spec["mounts"]:
-                dev = self._device_for(m)
-                try:
-                    fstype = g.vfs_type(dev)
-                except RuntimeError as e:
-                    raise GuestError(errno_of(e), f"{m['label']}: no filesystem ({e})") from None
-                opts = MOUNT_OPTIONS.get(fstype)
-                if opts is None:
-                    raise GuestError(errno.EINVAL, f"{m['label']}: unsupported filesystem "
-                                     f"{fstype or 'none'!r}")
-                self.devices.append((dev, m["mountpoint"], opts, m["label"]))
+        self.devices = []
+        for m in mounts:
+            dev = self._device_for(m)
+            try:
+                fstype = g.vfs_type(dev)
+            except RuntimeError as e:
+                raise GuestError(errno_of(e), f"{m['label']}: no filesystem ({e})") from None
+            opts = MOUNT_OPTIONS.get(fstype)
+            if opts is None:
+                raise GuestError(errno.EINVAL, f"{m['label']}: unsupported filesystem "
+                                 f"{fstype or 'none'!r}")
+            self.devices.append((dev, m["mountpoint"], opts, m["label"]))
+        self._mount()
+
+    def _mount(self) -> None:
         for dev, mountpoint, opts, label in self.devices:
             try:
-                g.mount_options(opts, dev, mountpoint)
+                self.g.mount_options(opts, dev, self._g(mountpoint))
             except RuntimeError as e:
+                self.umount()
                 raise GuestError(errno_of(e), f"mounting {label} ({dev}) at {mountpoint}: "
                                  f"{e}") from None
+            self.mounted.append(self._g(mountpoint))
         self._lstat.clear()
         self._link.clear()
 
+    def umount(self) -> None:
+        while self.mounted:
+            self.g.umount(self.mounted.pop())
+
     def refresh(self) -> dict[str, Any]:
-        """Remount everything so the next answers reflect what the client wrote since."""
+        """Remount this disk so the next answers reflect what the client wrote since; the
+        other disks of the appliance are not touched."""
         g = self.g
         t0 = time.monotonic()
-        g.umount_all()
+        self.umount()
         for dev in {d for d, *_ in self.devices}:
             g.blockdev_flushbufs(dev)
         g.drop_caches(3)
-        self._mount_all(first=False)
+        self._mount()
         return {"mount_s": time.monotonic() - t0}
 
-    def close(self) -> None:
-        if self.g is not None:
-            try:
-                self.g.shutdown()
-            finally:
-                self.g.close()
-                self.g = None
-
-    # --- resolution -----------------------------------------------------------------------
+    # --- resolution (disk paths; `_g` maps them into the appliance) ---------------------
 
     def _lstat_path(self, path: str) -> dict | None:
         if path in self._lstat:
@@ -226,7 +331,7 @@ class Worker:
             self._lstat.clear()
             self._link.clear()
         try:
-            st = self.g.lstatns(path)
+            st = self.g.lstatns(self._g(path))
         except RuntimeError as e:
             err = errno_of(e)
             if err not in (errno.ENOENT, errno.ENOTDIR):
@@ -238,7 +343,7 @@ class Worker:
     def _readlink(self, path: str) -> str:
         if path not in self._link:
             try:
-                self._link[path] = self.g.readlink(path)
+                self._link[path] = self.g.readlink(self._g(path))
             except RuntimeError as e:
                 raise GuestError(errno_of(e), str(e)) from None
         return self._link[path]
@@ -317,14 +422,14 @@ class Worker:
         for i in range(0, len(names), LIST_BATCH):
             batch = names[i:i + LIST_BATCH]
             try:
-                stats = self.g.lstatnslist(real, batch)
+                stats = self.g.lstatnslist(self._g(real), batch)
             except RuntimeError as e:
                 raise GuestError(errno_of(e), str(e)) from None
             links = [n for n, s in zip(batch, stats, strict=True)
                      if s["st_ino"] != -1 and stat.S_ISLNK(s["st_mode"])]
             if links:
                 try:
-                    targets = self.g.readlinklist(real, links)
+                    targets = self.g.readlinklist(self._g(real), links)
                 except RuntimeError as e:
                     raise GuestError(errno_of(e), str(e)) from None
                 for n, t in zip(links, targets, strict=True):
@@ -348,7 +453,7 @@ class Worker:
 
     def _names(self, real: str, warnings: list[str]) -> list[str]:
         try:
-            entries = self.g.readdir(real)
+            entries = self.g.readdir(self._g(real))
             return [e["name"] for e in entries if e["name"] not in (".", "..")]
         except UnicodeDecodeError:
             pass  # some name is not UTF-8: list raw bytes instead, and skip those names
@@ -356,7 +461,7 @@ class Worker:
             raise GuestError(errno_of(e), str(e)) from None
         with tempfile.NamedTemporaryFile(prefix="vfsroot-ls0-") as tmp:
             try:
-                self.g.ls0(real, tmp.name)
+                self.g.ls0(self._g(real), tmp.name)
             except RuntimeError as e:
                 raise GuestError(errno_of(e), str(e)) from None
             raw = tmp.read()
@@ -374,7 +479,7 @@ class Worker:
         """Exactly `size` bytes from `offset`, fewer only at end of file."""
         def one(count: int, at: int) -> bytes:
             try:
-                return self.g.pread(path, count, at)
+                return self.g.pread(self._g(path), count, at)
             except RuntimeError as e:
                 raise GuestError(errno_of(e), str(e)) from None
         return read_exact(one, size, offset, chunk=PREAD_CHUNK)
@@ -386,39 +491,32 @@ def _one_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
-def _read_frame(stream: Any) -> Any:
-    head = stream.read(4)
-    if len(head) < 4:
-        return None
-    (length,) = struct.unpack(">I", head)
-    body = stream.read(length)
-    if len(body) < length:
-        return None
-    return pickle.loads(body)
-
-
-def _write_frame(stream: Any, value: Any) -> None:
-    body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack(">I", len(body)) + body)
-    stream.flush()
-
-
 def main() -> int:
     """Serve requests from the parent until it closes the pipe or says "close"."""
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
-    stdin = sys.stdin.buffer
+    stdin = sys.stdin.buffer.raw
     stdout = sys.stdout.buffer
     # Nothing else may write to the protocol stream (libguestfs debug output goes to stderr).
     sys.stdout = sys.stderr
     worker = Worker()
-    ops = {"attach": worker.attach, "lookup": worker.lookup, "listdir": worker.listdir,
-           "pread": worker.pread, "refresh": worker.refresh, "ping": lambda: "pong"}
+
+    def on_disk(name: str) -> Any:
+        return lambda disk_id, *args: getattr(worker.disk(disk_id), name)(*args)
+
+    ops = {"launch": worker.launch, "mount": worker.mount, "unmount": worker.unmount,
+           "lookup": on_disk("lookup"), "listdir": on_disk("listdir"),
+           "pread": on_disk("pread"), "refresh": on_disk("refresh"), "ping": lambda: "pong"}
+    decoder = FrameDecoder()
     try:
         while True:
-            req = _read_frame(stdin)
-            if req is None or req[0] == "close":
+            while not decoder:
+                try:
+                    decoder.feed(stdin.read(1 << 20))
+                except EOFError:
+                    return 0
+            op, args = decoder.pop()
+            if op == "close":
                 break
-            op, args = req
             try:
                 reply = ("ok", ops[op](*args))
             except GuestError as e:
@@ -427,7 +525,8 @@ def main() -> int:
                 reply = ("err", errno_of(e), _one_line(str(e)))
             except Exception as e:  # a bug here must be an answer, not a silent worker
                 reply = ("err", errno.EIO, f"{type(e).__name__}: {e}")
-            _write_frame(stdout, reply)
+            stdout.write(encode(reply))
+            stdout.flush()
     finally:
         worker.close()
     return 0

@@ -99,7 +99,7 @@ async def test_life_of_a_disk(tmp_path: pathlib.Path, nbd_server: NbdServer,
 
         # 3. config change → the new disk; lookups never answer from the old one meanwhile
         server_b.start()
-        old_pid = m.disks[CLIENT].session_obj.qemu_pid
+        old_pid = m.disks[CLIENT].session.qemu_pid
         write_config(src, CLIENT, server_b.url)
         m.notify_config(CLIENT)
         await wait_for(lambda: state(m) == "attaching", 5, "re-attach on config change")
@@ -134,7 +134,7 @@ async def test_life_of_a_disk(tmp_path: pathlib.Path, nbd_server: NbdServer,
         assert await read_file(m, CLIENT, ("only-disk.txt",)) == b"only on disk b\n"
 
         # 6. idle detach
-        pid = m.disks[CLIENT].session_obj.qemu_pid
+        pid = m.disks[CLIENT].session.qemu_pid
         opts.idle_timeout = 1.0
         await wait_for(lambda: state(m) == "detached", 10, "idle detach")
         await wait_for(lambda: not qemu_alive(pid), 30, "idle appliance to go away")
@@ -153,7 +153,7 @@ async def test_life_of_a_disk(tmp_path: pathlib.Path, nbd_server: NbdServer,
         assert await held.listdir(()) == {}
         nursery.cancel_scope.cancel()
     server_b.stop()
-    assert not m._sessions
+    assert not m.appliances
 
 
 async def test_failures_are_contained(tmp_path: pathlib.Path) -> None:
