@@ -33,7 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.disk.images import NbdServer, build_image  # noqa: E402
-from vfsroot.guest import _descendants, rss_mb  # noqa: E402
+from vfsroot.guest_process import _descendants, rss_mb  # noqa: E402
 
 KERNEL = "/boot/vmlinuz-6.1"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .guest import AttachOptions, GuestProcess
+from .guest_process import AttachOptions, GuestProcess
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import itertools
 import time
 from typing import Any
 
-from .guest import AttachOptions, GuestProcess, rss_mb
+from .guest_process import AttachOptions, GuestProcess, rss_mb
 
 #: Estimated resident memory of an appliance before it is measured: qemu and the guest
 #: kernel, plus per drive (its qcow2 overlay, caches, page cache of boot files).  Measured

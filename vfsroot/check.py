@@ -17,7 +17,7 @@ import time
 
 import trio
 
-from .guest import AttachOptions, GuestProcess, GuestProcessError, rss_mb
+from .guest_process import AttachOptions, GuestProcess, GuestProcessError, rss_mb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

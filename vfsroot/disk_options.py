@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass, field, fields
 
 from .errors import QuietError
-from .guest import AttachOptions
+from .guest_process import AttachOptions
 
 
 class DiskOptionsError(QuietError, ValueError):

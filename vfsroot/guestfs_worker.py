@@ -5,8 +5,8 @@ daemon, the layers and the tests import without it.
 
 Why a process and not a thread: `launch()` boots a qemu appliance and can hang forever (nested
 KVM does on some hosts, this one included).  A thread stuck in C cannot be stopped; a process
-can be killed, with its qemu.  The parent (`vfsroot.guest.GuestProcess`) bounds every call and
-kills this process (and its descendants) on timeout.
+can be killed, with its qemu.  The parent (`vfsroot.guest_process.GuestProcess`) bounds every
+call and kills this process (and its descendants) on timeout.
 
 Protocol on stdin/stdout: frames (`vfsroot.framing`).  Requests are `(op, args)`; replies
 `("ok", value)` or `("err", errno, message)`.

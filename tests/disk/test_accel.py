@@ -9,7 +9,7 @@ import time
 import pytest
 
 from vfsroot import accel
-from vfsroot.guest import _descendants
+from vfsroot.guest_process import _descendants
 
 from .conftest import needs_guestfs
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from vfsroot.disks import DiskManager, DiskOptions
-from vfsroot.guest import _descendants
+from vfsroot.guest_process import _descendants
 from vfsroot.layers.base import LayerUnavailable
 
 from .conftest import needs_guestfs, write_config
