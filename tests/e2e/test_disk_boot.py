@@ -38,7 +38,6 @@ from .harness import (
     build_disk,
     dnsmasq_argv,
     nbd_config,
-    product_missing,
     stop_process,
     tail,
     vfsroot_tftpd_argv,
@@ -50,8 +49,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.disk]
 @pytest.fixture(scope="module")
 def disk_source(boot_files: BootFiles, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[tuple[Path, Path]]:
-    if missing := product_missing():
-        pytest.skip(f"product boot needs modules not landed yet: {', '.join(missing)}")
     work = tmp_path_factory.mktemp("diskboot")
     source = work / "source"
     (source / "default").mkdir(parents=True)

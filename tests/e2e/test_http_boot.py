@@ -46,7 +46,6 @@ from .harness import (
     host_kernel,
     ipxe_script,
     nbd_config,
-    product_missing,
     stop_process,
     tail,
     wait_file,
@@ -157,8 +156,6 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     if os.geteuid() != 0:
         pytest.skip("needs root: FUSE mount with allow_other, nginx workers as nobody")
-    if missing := product_missing():
-        pytest.skip(f"needs modules not landed yet: {', '.join(missing)}")
     work = tmp_path_factory.mktemp("http")
     source = work / "source"
     files = {
@@ -246,8 +243,6 @@ MAC_HTTP = "52:54:00:e2:e0:08"
 def http_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
         pytest.skip("e2e boots need root and /dev/net/tun")
-    if missing := product_missing():
-        pytest.skip(f"needs modules not landed yet: {', '.join(missing)}")
     work = tmp_path_factory.mktemp("http-boot")
     token, decoy = secrets.token_hex(8), secrets.token_hex(8)
     kernel = work / "vmlinuz"
