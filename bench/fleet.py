@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.disk.images import NbdServer, build_image  # noqa: E402
+from tests.serving import stop_serve  # noqa: E402
 from vfsroot.guest_process import _descendants, rss_mb  # noqa: E402
 
 KERNEL = "/boot/vmlinuz-6.1"
@@ -100,14 +100,7 @@ def run_fleet(n: int, image: pathlib.Path, want_sha: str, tmp: pathlib.Path,
         status = json.loads(os.getxattr(mnt, "user.vfsroot.status.summary"))
     finally:
         stop.set()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        stop_serve(proc, mnt, timeout=120)
         log.close()
         for s in servers:
             s.stop()

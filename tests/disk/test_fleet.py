@@ -19,6 +19,7 @@ import trio
 
 from vfsroot.disks import DiskManager, DiskOptions
 
+from ..serving import stop_serve
 from .conftest import config_text, needs_guestfs, write_config
 from .images import Image, NbdServer, free_port
 from .test_manager import LAUNCH, qemu_alive, read_file, state, wait_for
@@ -239,12 +240,5 @@ def test_vfsroot_status_with_1000_configs(tmp_path: pathlib.Path) -> None:
         assert time.monotonic() - t0 < 1.0
         assert summary["disks"] == 1000
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        stop_serve(proc, mnt)
         log.close()

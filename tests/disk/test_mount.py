@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from ..serving import stop_serve
 from .conftest import needs_guestfs, write_config
 from .gate import AttachGate
 from .images import Image, NbdServer, free_port
@@ -88,14 +88,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, attach_gate: AttachGate
         assert proc.poll() is None, (base / "serve.log").read_text()
         yield src, mnt, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        stop_serve(proc, mnt)
         log.close()
 
 
