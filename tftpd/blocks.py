@@ -102,6 +102,7 @@ class BlockSource:
         self._pending: trio.Event | None = None
         self._next: bytes | None = None
         self._next_error: Exception | None = None
+        self._closed = False
         #: Called (on the event loop) when a read-ahead finishes: the pump's wake-up.
         self.on_ready: Callable[[], None] | None = None
         #: The highest block acknowledged, asked when a chunk is appended (instead of a
@@ -150,10 +151,21 @@ class BlockSource:
         self._prefetch()
 
     def close(self) -> None:
-        """Stop a read-ahead still in flight (the transfer is over)."""
+        """Stop a read-ahead still in flight and drop the buffers (the transfer is over).
+
+        The buffers go now, not when the last reference to the source does: a finished
+        transfer can stay referenced for a while (a retransmission timer entry in the pump's
+        heap lives until its deadline, which a client's ``timeout`` option can put minutes
+        away), and up to two read-ahead chunks per transfer must not wait for that."""
         self._spawn = None
+        self._closed = True
         if self._scope is not None:
             self._scope.cancel()
+        self._buf = b""
+        self._next = None
+        self._next_error = None
+        self.on_ready = None
+        self.acked = None
 
     def _prefetch(self) -> None:
         if self._spawn is None or self._eof or self._pending is not None:
@@ -166,10 +178,12 @@ class BlockSource:
     async def _read_ahead(self, offset: int, done: trio.Event, scope: trio.CancelScope) -> None:
         with scope:
             try:
-                self._next = await trio.to_thread.run_sync(
+                data = await trio.to_thread.run_sync(
                     self._handle.pread_exact, self._chunk, offset,
                     limiter=self._limiter, abandon_on_cancel=True,
                 )
+                if not self._closed:  # a read that finished as the transfer ended: drop it
+                    self._next = data
             except Exception as exc:  # must not reach the server's nursery
                 self._next_error = exc  # raised when the data is needed, by the session
             finally:

@@ -162,7 +162,16 @@ class Pump:
         finally:
             self._detach(t)
         if t.error is not None:
-            raise t.error
+            # Take the error out of the record before raising it: its traceback holds the
+            # pump frames that failed (``_event``, ``_step``: ``t`` is a local there), so a
+            # record that kept it would be a reference cycle -- Transfer -> error ->
+            # traceback -> frame -> Transfer -- that only the cyclic GC frees, and it runs
+            # rarely in a server allocating few containers.  Until then the cycle kept the
+            # session, its socket object and the BlockSource with its read-ahead chunks
+            # (up to two 256 KiB buffers) alive after the transfer ended: a storm of clients
+            # vanishing mid-transfer (ICMP unreachable, PeerGone) grew the RSS by megabytes.
+            error, t.error = t.error, None
+            raise error
 
     def _make_runnable(self, t: Transfer) -> None:
         if t.finished:
