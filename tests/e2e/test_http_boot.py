@@ -17,6 +17,7 @@ The nginx server block is `NGINX_SERVER`, which docs/recipes.md shows verbatim
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -342,7 +343,11 @@ def test_ipxe_http_boot_through_nginx(http_rig: dict) -> None:
     assert after["vfsroot_disk_attach_seconds_count"] == 1
     assert after["vfsroot_disk_attach_failures_total"] == 0
     assert after["vfsroot_appliances"] == 1
-    assert after[f"vfsroot_appliance_rss_bytes{{appliance={CLIENT_IP}}}"] > 50 * 1024 * 1024
+    # appliances are labelled by their id (one may hold many disks): the client's, per status
+    page = json.loads(os.getxattr(mount, "user.vfsroot.status.page.0"))
+    appliance = page[CLIENT_IP]["appliance"]
+    assert appliance, page[CLIENT_IP]
+    assert after[f"vfsroot_appliance_rss_bytes{{appliance={appliance}}}"] > 50 * 1024 * 1024
     served = (after["vfsroot_fuse_read_bytes_total{layer=disk}"]
               - before["vfsroot_fuse_read_bytes_total{layer=disk}"])
     # at least once each (nginx reads through the page cache, which a re-read may hit)

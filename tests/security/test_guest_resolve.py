@@ -1,4 +1,4 @@
-"""The guest worker's symlink resolution (`Worker.resolve`), against a fake libguestfs handle.
+"""The guest worker's symlink resolution (`GuestDisk.resolve`), against a fake libguestfs handle.
 
 What a client's own disk holds is the client's to decide (a live client writes it), so guest
 links are hostile input: they must resolve inside the *guest* tree, never the host's, and the
@@ -12,19 +12,30 @@ import stat
 
 import pytest
 
-from vfsroot.guestfs_worker import MAX_SYMLINKS, GuestError, Worker
+from vfsroot.guestfs_worker import MAX_SYMLINKS, GuestDisk, GuestError
 
 DIR, FILE = "dir", "file"
 
 
+#: Where the disk is mounted inside the (shared) appliance: every call must stay under it.
+PREFIX = "/disks/d0"
+
+
+def _disk_path(path: str) -> str:
+    assert path == PREFIX or path.startswith(PREFIX + "/"), f"left the disk's tree: {path}"
+    return path[len(PREFIX):] or "/"
+
+
 class FakeGuestFS:
-    """lstatns/readlink over a dict: path -> "dir" | "file" | ("link", target)."""
+    """lstatns/readlink over a dict: path -> "dir" | "file" | ("link", target), the disk
+    mounted at PREFIX in the appliance (as the worker mounts every disk of a batch)."""
 
     def __init__(self, tree: dict[str, object]) -> None:
         self.tree = {"/": DIR, **tree}
         self.calls: list[str] = []
 
     def lstatns(self, path: str) -> dict:
+        path = _disk_path(path)
         self.calls.append(path)
         kind = self.tree.get(path)
         if kind is None:
@@ -35,15 +46,14 @@ class FakeGuestFS:
                 "st_mtime_sec": 1, "st_mtime_nsec": 0, "st_ctime_sec": 1, "st_ctime_nsec": 0}
 
     def readlink(self, path: str) -> str:
-        kind = self.tree[path]
+        kind = self.tree[_disk_path(path)]
         assert isinstance(kind, tuple)
         return kind[1]
 
 
-def worker(tree: dict[str, object]) -> Worker:
-    w = Worker()
-    w.g = FakeGuestFS(tree)
-    return w
+def worker(tree: dict[str, object]) -> GuestDisk:
+    return GuestDisk(FakeGuestFS(tree), drive={"id": "d0"}, label="test", prefix=PREFIX,
+                     partitions=dict)
 
 
 TREE: dict[str, object] = {
