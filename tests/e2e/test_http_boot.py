@@ -25,13 +25,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from ..scrape import scrape
 from .harness import (
     CLIENT_IP,
     SERVER_IP,
@@ -291,20 +291,6 @@ def metrics_url(log: Path) -> str:
     m = re.search(r"metrics endpoint daemon=vfsroot url=(\S+)", log.read_text(errors="replace"))
     assert m, tail(log)
     return m.group(1)
-
-
-def scrape(url: str) -> dict[str, float]:
-    """GET /metrics (a real HTTP client), parsed by prometheus_client's parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 def test_ipxe_http_boot_through_nginx(http_rig: dict) -> None:

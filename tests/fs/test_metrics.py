@@ -13,39 +13,21 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from vfsroot.fs import VfsOperations
 from vfsroot.metrics import VfsrootCollector
 from vfsroot.sources import SourceRoot
 
+from ..scrape import samples_of, scrape
 from .conftest import force_unmount, live, mounted, vfsroot_cmd
 
 REPO = Path(__file__).parents[2]
-
-
-def samples_of(text: str) -> dict[str, float]:
-    """Every sample as 'name{k=v,...}' -> value."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def scrape(url: str) -> dict[str, float]:
-    """GET /metrics with a real HTTP client."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200
-        return samples_of(response.read().decode())
 
 
 def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

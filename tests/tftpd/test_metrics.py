@@ -9,15 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from tftpd.client import TftpError, fetch
 
+from ..scrape import scrape
 from .conftest import CLIENT_A
 from .helpers import RawClient, file_sha256
 
@@ -63,20 +62,6 @@ async def start(args: list[str]) -> tuple[Daemon, tuple[str, int], str]:
         proc.kill()
         raise
     return d, ("127.0.0.1", int(tftp.group(1))), metrics.group(1).decode()
-
-
-def scrape(url: str) -> dict[str, float]:
-    """GET /metrics with a real HTTP client; every sample as 'name{labels}' -> value."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
 
 
 def moved(before: dict[str, float], after: dict[str, float], prefix: str) -> dict[str, float]:
