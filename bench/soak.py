@@ -1,0 +1,90 @@
+"""Soak (issue 11), long form: mixed traffic (storm rounds, small files, a lossy client, source
+edits: tests/reliability/soak.py) through `vfsroot serve` + `vfsroot-tftpd` with default
+flags for ``--minutes``, after a warm-up; prints every category's count, the daemons'
+descriptors, threads and RSS (idle, first and last) and a sample every ``--sample-every``
+seconds.  Run as root:
+
+    flock -x /tmp/vfsroot-heavy.lock .venv/bin/python bench/soak.py --minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio  # noqa: E402
+
+from tests.fs.conftest import Daemon as ServeDaemon  # noqa: E402
+from tests.reliability.servers import vfsroot_tftpd  # noqa: E402
+from tests.reliability.soak import Soak, build_source, not_flat, report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--warmup", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--storm-clients", type=int, default=100)
+    p.add_argument("--initrd-mib", type=float, default=4.0)
+    p.add_argument("--sample-every", type=float, default=60.0, metavar="SECONDS")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/soak.py: run as root (FUSE mount, 127.x client addresses)", file=sys.stderr)
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="vfsroot-soak-", dir="/var/tmp"))
+    source, expected = build_source(work / "trees", args.storm_clients,
+                                    int(args.initrd_mib * 1024 * 1024))
+    mnt = work / "mnt"
+    mnt.mkdir()
+    serve = ServeDaemon(source, mnt, work / "vfsroot.log")
+    tftpd = vfsroot_tftpd(mnt, work / "vfsroot-tftpd.log")
+    try:
+        serve.start()
+        tftpd.start()
+        assert serve.proc is not None
+        soak = Soak(tftpd.address, source, expected,
+                    {"vfsroot serve": serve.proc.pid, "vfsroot-tftpd": tftpd.pid},
+                    args.storm_clients)
+        seconds = args.minutes * 60
+
+        async def run() -> tuple[dict, dict]:
+            await soak.traffic(args.warmup)
+            first = await soak.idle_sample(0)
+            soak.result.samples.clear()
+            soak.result.tallies.clear()
+            await soak.traffic(seconds, sample_every=args.sample_every)
+            return first, await soak.idle_sample(seconds)
+
+        first, last = trio.run(run)
+    finally:
+        code = tftpd.stop()
+        serve.stop()
+    lines = report(soak.result, first, last)
+    print(f"\nsoak: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {args.minutes:g} min of mixed traffic "
+          f"after a {args.warmup:.0f} s warm-up, {args.storm_clients} storm clients x (config + "
+          f"{args.initrd_mib:g} MiB initrd); run took {time.monotonic() - started:.0f} s")
+    for line in lines:
+        print(f"  {line}")
+    print(f"  vfsroot-tftpd exit code after SIGTERM: {code}")
+    grew = not_flat(first, last)
+    print("  flat (slack in tests/reliability/soak.py): " + ("yes" if not grew else
+                                                             "NO: " + "; ".join(grew)))
+    shutil.rmtree(work, ignore_errors=True)
+    ok = not soak.result.bad and code == 0 and not grew
+    print("held" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
