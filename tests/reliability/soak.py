@@ -244,7 +244,7 @@ class Soak:
 #: first idle sample.  Idle RSS is not one number: what the allocator hands back after a storm
 #: round depends on fragmentation, and vfsroot-tftpd's idle samples moved between 86 and 90 MiB
 #: within one run once it had reached its plateau (docs/reliability.md).  A leak still shows:
-#: the 2-minute form makes ~29,000 transfers, so 12 MiB is about 0.4 kB per transfer.
+#: the 2-minute form makes 20,000-29,000 transfers, so 12 MiB is 0.4-0.6 kB per transfer.
 FD_SLACK, THREAD_SLACK, RSS_SLACK_KIB = 0, 4, 12 * 1024
 
 
