@@ -21,6 +21,15 @@ from vfsroot.fileio import pread_exact
 from .netascii import encode as netascii_encode
 
 
+class FileChanged(OSError):
+    """The file is not the one the transfer started with: it ended before or after its size at
+    open, or its size or mtime differ at the end.  The transfer must end with an ERROR: a
+    short last block would look like a normal end to the client, with the wrong bytes."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.ESTALE, f"file changed during the transfer ({what})")
+
+
 class FileHandle:
     """A descriptor that worker threads read while the event loop may want to close it.
 
@@ -28,10 +37,17 @@ class FileHandle:
     abandoned on cancellation) and closes the handle.  Closing while a thread is inside
     ``pread`` would let the fd number be reused under it, so the close is deferred to the last
     reader.
+
+    With ``expect`` (size, st_mtime_ns at open) every read is checked against the file the
+    transfer started with (`FileChanged`): an operator may truncate or rewrite a file in the
+    source root while it is sent, and over the vfsroot mount even a file renamed over the
+    path shows its new size to the open descriptor (the path keeps its inode number there),
+    so the kernel cuts reads at the new size.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, expect: tuple[int, int] | None = None) -> None:
         self._fd = fd
+        self._expect = expect
         self._lock = threading.Lock()
         self._busy = 0
         self._closed = False
@@ -44,12 +60,29 @@ class FileHandle:
                 raise OSError(errno.EBADF, "file handle closed")
             self._busy += 1
         try:
-            return pread_exact(self._fd, size, offset)
+            data = pread_exact(self._fd, size, offset)
+            if self._expect is not None:
+                self._check(offset, size, len(data))
+            return data
         finally:
             with self._lock:
                 self._busy -= 1
                 if self._closed and self._busy == 0:
                     os.close(self._fd)
+
+    def _check(self, offset: int, asked: int, got: int) -> None:
+        assert self._expect is not None
+        open_size, mtime_ns = self._expect
+        end = offset + got
+        if end > open_size:
+            raise FileChanged(f"{open_size} bytes at open, more now")
+        if got < asked and end < open_size:
+            raise FileChanged(f"{open_size} bytes at open, ends at {end} now")
+        if got < asked:  # end of file: the last chance to see a change of the same size
+            st = os.fstat(self._fd)
+            if (st.st_size, st.st_mtime_ns) != (open_size, mtime_ns):
+                raise FileChanged(f"{open_size} bytes at open, {st.st_size} now, "
+                                  "modified since")
 
     @staticmethod
     def read_all(fd: int, limit: int) -> bytes:

@@ -53,6 +53,9 @@ class OpenedFile:
     fd: int
     size: int
     path: str
+    #: st_mtime_ns at open: with the size, what tells that the file changed during a
+    #: transfer (`tftpd.blocks.FileHandle`)
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class ClientRoots:
         except BaseException:
             os.close(fd)
             raise
-        return OpenedFile(fd=fd, size=st.st_size, path=full)
+        return OpenedFile(fd=fd, size=st.st_size, path=full, mtime_ns=st.st_mtime_ns)
 
     @staticmethod
     def _check_inside(base: Path, fd: int) -> None:

@@ -284,7 +284,7 @@ class Session:
             await self._refuse(exc.code, str(exc), outcome)
             return
         # Owned by the session from here: run() closes it however the transfer ends.
-        self._handle = handle = FileHandle(opened.fd)
+        self._handle = handle = FileHandle(opened.fd, expect=(opened.size, opened.mtime_ns))
         is_netascii = req.mode == "netascii"
         size = opened.size
         if is_netascii and "tsize" in req.options:

@@ -837,7 +837,7 @@ class DiskManager:
         log.info("appliance closed appliance=%s", a.id)
 
     async def _sweeper(self) -> None:
-        """Idle detach, retries with backoff, and dead appliances, twice a second."""
+        """Idle detach, retries with backoff, dead appliances and broken disks, twice a second."""
         while True:
             await trio.sleep(0.5)
             now = _now()
@@ -847,6 +847,11 @@ class DiskManager:
             for disk in list(self.disks.values()):
                 idle_for = now - disk.used_mono
                 s = disk.session
+                if s is not None and s.io_error is not None and disk.state is DiskState.READY:
+                    # A read failed with EIO (its NBD connection broke: qemu does not
+                    # reconnect): say so now and re-attach, not at the next lookup.
+                    self.broken(disk, s, OSError(errno.EIO, s.io_error))
+                    continue
                 if (s is not None and disk.state is DiskState.READY and s.open_readers == 0
                         and idle_for >= self.options.idle_timeout):
                     self._retire(disk, "idle")

@@ -51,6 +51,9 @@ LIST_BATCH = 1000
 MAX_SYMLINKS = 40
 #: lstat results remembered per snapshot before the cache starts over.
 MAX_CACHED = 100_000
+#: Room a new qcow2 overlay needs in libguestfs' temporary directory (it is created at ~200
+#: KiB and grows only with writes, which a read-only mount does not make), with a margin.
+OVERLAY_ROOM = 1024 * 1024
 
 #: Mount options per filesystem type.  Read-only always; ext3/4 and xfs must not replay their
 #: journal (a live client's disk usually has a dirty one); the overlay absorbs anything else.
@@ -163,7 +166,7 @@ class Worker:
                                  protocol=drive["protocol"], server=[drive["server"]],
                                  label=label)
             except RuntimeError as e:
-                err = _server_error(drive, e)
+                err = _overlay_dir_error(g) or _server_error(drive, e)
                 failed[drive["id"]] = (err.errno, _one_line(str(err)))
                 continue
             self.disks[drive["id"]] = GuestDisk(g, drive, label, f"/{len(added)}",
@@ -212,6 +215,27 @@ class Worker:
             finally:
                 self.g.close()
                 self.g = None
+
+
+def _overlay_dir_error(g: Any) -> GuestError | None:
+    """Why no overlay can be made in libguestfs' temporary directory, or None if one can.
+
+    `add_drive_opts(readonly=True)` writes the disk's qcow2 overlay there; when that directory
+    is full (or read-only), libguestfs reports only "qemu-img ... exited with error status 1",
+    which `_server_error` would blame on the NBD export.  Writing `OVERLAY_ROOM` bytes there
+    tells the real cause."""
+    try:
+        where = g.get_tmpdir()
+    except RuntimeError:
+        return None
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix="vfsroot-room-") as f:
+            f.write(b"\0" * OVERLAY_ROOM)
+            f.flush()
+    except OSError as e:
+        return GuestError(e.errno or errno.EIO, f"cannot write the disk's overlay in {where} "
+                          f"(LIBGUESTFS_TMPDIR, else TMPDIR): {e.strerror or e}")
+    return None
 
 
 def _server_error(drive: dict[str, Any], e: RuntimeError) -> GuestError:

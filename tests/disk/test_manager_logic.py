@@ -193,3 +193,25 @@ async def test_kvm_probe_decides_once_and_falls_back(monkeypatch: pytest.MonkeyP
     assert "LIBGUESTFS_BACKEND_SETTINGS" in (await accel.choose(False, 7.0, 512,
                                                                  probe=works)).reason
     assert calls == []
+
+
+async def test_eio_on_a_disk_fails_it_at_once_not_at_the_next_lookup(
+        tmp_path: pathlib.Path) -> None:
+    """A read that got EIO (the disk's NBD connection broke) marks the session; the sweeper
+    turns that into `failed` with the error and an immediate retry within half a second, so
+    the status says so before anyone looks the disk up again (tests/security/
+    test_fault_disks.py shows it with a killed NBD server)."""
+    m = DiskManager(tmp_path, DiskOptions())
+    a = FakeAppliance("a1")
+    a.launched_at = 1.0  # type: ignore[attr-defined]
+    d = disk_on(m, "10.0.0.1", a, used=trio.current_time())
+    other = disk_on(m, "10.0.0.2", a, used=trio.current_time())
+    d.session.io_error = "pread: Input/output error"  # type: ignore[union-attr]
+    d.session.alive = False  # type: ignore[union-attr]
+    other.session.io_error = None  # type: ignore[union-attr]
+    with trio.move_on_after(0.8):
+        await m._sweeper()
+    assert d.state is DiskState.FAILED and d.session is None
+    assert d.message == "disk failed: pread: Input/output error"
+    assert d.next_retry is not None and d.next_retry <= trio.current_time()
+    assert other.state is DiskState.READY and other.session is not None  # its neighbour stays

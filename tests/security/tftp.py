@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import trio
+
 from tests.tftpd.helpers import RawClient
 from tftpd import packets
 
@@ -53,3 +57,40 @@ async def fetch(server: tuple[str, int], name: str, bind: str = A, mode: str = "
 
 def request_bytes(name: bytes, mode: bytes = b"octet") -> bytes:
     return b"\0\x01" + name + b"\0" + mode + b"\0"
+
+
+async def stepped_fetch(server: tuple[str, int], name: str, bind: str, blksize: int,
+                        cut_at: int, at_cut: Callable[[], None], pause: float = 0.0,
+                        timeout: float = 10.0) -> bytes | packets.Error:
+    """Fetch `name` block by block (lock-step); once `cut_at` bytes are in, call `at_cut()`
+    (the fault) and stay quiet for `pause` seconds, then go on.  Returns the bytes of a normal
+    end or the ERROR packet; fails the test on `timeout` seconds of silence."""
+    with RawClient(server, bind=bind) as c:
+        c.rrq(name, blksize=blksize)
+        data = bytearray()
+        expected = 1
+        size = 512
+        cut = False
+        while True:
+            got = await c.recv(timeout)
+            assert got is not None, f"no answer to {name} within {timeout} s, {len(data)} in"
+            pkt, _ = got
+            if isinstance(pkt, packets.Error):
+                return pkt
+            if isinstance(pkt, packets.OptionAck):
+                size = int(pkt.options.get("blksize", 512))
+                c.ack(0)
+                continue
+            assert isinstance(pkt, packets.Data), pkt
+            if pkt.block != expected & 0xFFFF:
+                continue  # a retransmission
+            data += pkt.payload
+            expected += 1
+            if len(pkt.payload) < size:
+                c.ack(pkt.block)
+                return bytes(data)
+            if not cut and len(data) >= cut_at:
+                cut = True
+                at_cut()
+                await trio.sleep(pause)
+            c.ack(pkt.block)

@@ -476,8 +476,8 @@ async def test_a_blocked_read_does_not_stall_other_clients(
 
     real_init = session_mod.FileHandle.__init__
 
-    def init(self, fd: int) -> None:
-        real_init(self, fd)
+    def init(self, fd: int, expect: tuple[int, int] | None = None) -> None:
+        real_init(self, fd, expect)
         self._slow = os.readlink(f"/proc/self/fd/{fd}").endswith("1m.bin")
 
     monkeypatch.setattr(session_mod.FileHandle, "pread_exact", pread_exact)

@@ -1,0 +1,84 @@
+"""A file that changes while it is sent ends the transfer with an ERROR, never a short last
+block (`tftpd.blocks.FileHandle` with `expect`): the bytes a client gets are the file it asked
+for, or it is told they are not.  The whole-transfer form, over the vfsroot mount and over a
+plain tree, is tests/security/test_fault_source_edits.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tftpd.blocks import FileChanged, FileHandle
+
+SIZE = 100_000
+
+
+def opened(path: Path) -> tuple[int, tuple[int, int]]:
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    return fd, (st.st_size, st.st_mtime_ns)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    p = tmp_path / "f"
+    p.write_bytes(bytes(range(256)) * (SIZE // 256) + b"x" * (SIZE % 256))
+    return p
+
+
+def test_unchanged_file_reads_to_its_end(path: Path) -> None:
+    fd, expect = opened(path)
+    h = FileHandle(fd, expect=expect)
+    try:
+        assert h.pread_exact(60_000, 0) + h.pread_exact(60_000, 60_000) == path.read_bytes()
+        assert h.pread_exact(10, SIZE) == b""
+    finally:
+        h.close()
+
+
+def test_truncated_file_is_a_change_not_an_end(path: Path) -> None:
+    fd, expect = opened(path)
+    h = FileHandle(fd, expect=expect)
+    try:
+        assert len(h.pread_exact(30_000, 0)) == 30_000
+        os.truncate(path, 40_000)
+        with pytest.raises(FileChanged, match="100000 bytes at open, ends at 40000 now"):
+            h.pread_exact(60_000, 30_000)
+    finally:
+        h.close()
+
+
+def test_grown_file_is_a_change(path: Path) -> None:
+    fd, expect = opened(path)
+    h = FileHandle(fd, expect=expect)
+    try:
+        with open(path, "ab") as f:
+            f.write(b"more")
+        with pytest.raises(FileChanged, match="more now"):
+            h.pread_exact(SIZE + 100, 0)
+    finally:
+        h.close()
+
+
+def test_same_size_rewrite_is_seen_at_the_end(path: Path) -> None:
+    fd, expect = opened(path)
+    h = FileHandle(fd, expect=expect)
+    try:
+        os.utime(path, ns=(expect[1] + 10**9, expect[1] + 10**9))  # rewritten in place
+        assert len(h.pread_exact(1000, 0)) == 1000  # not at the end yet: no fstat per read
+        with pytest.raises(FileChanged, match="modified since"):
+            h.pread_exact(SIZE, 1000)
+    finally:
+        h.close()
+
+
+def test_without_expect_nothing_is_checked(path: Path) -> None:
+    fd, _ = opened(path)
+    h = FileHandle(fd)
+    try:
+        os.truncate(path, 10)
+        assert h.pread_exact(100, 0) == path.read_bytes()
+    finally:
+        h.close()
