@@ -97,6 +97,14 @@ class Appliance:
         return pid is None or _running(pid)
 
     @property
+    def death(self) -> str:
+        """Why the appliance is dead, for the status of its disks: the call that timed out
+        (and got it killed) when that is what happened."""
+        reason = self.process.dead_reason
+        return f"appliance killed: {reason}" if reason and reason != "closed" else \
+            "appliance died (worker or qemu exited)"
+
+    @property
     def qemu_pid(self) -> int | None:
         return self.process.qemu_pid
 

@@ -843,7 +843,7 @@ class DiskManager:
             now = _now()
             for a in list(self.appliances):
                 if a.launched_at is not None and not a.alive:
-                    self._appliance_died(a, "appliance died (worker or qemu exited)")
+                    self._appliance_died(a, a.death)
             for disk in list(self.disks.values()):
                 idle_for = now - disk.used_mono
                 s = disk.session

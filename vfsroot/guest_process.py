@@ -177,6 +177,11 @@ class GuestProcess:
     def alive(self) -> bool:
         return self._dead is None and self.proc is not None and self.proc.returncode is None
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why this process was given up ("remount timed out after 30 s", ...), if it was."""
+        return self._dead
+
     async def close(self, timeout: float = 15.0) -> None:
         """Shut the appliance down politely, then make sure nothing is left."""
         if self.proc is None:

@@ -215,3 +215,17 @@ async def test_eio_on_a_disk_fails_it_at_once_not_at_the_next_lookup(
     assert d.message == "disk failed: pread: Input/output error"
     assert d.next_retry is not None and d.next_retry <= trio.current_time()
     assert other.state is DiskState.READY and other.session is not None  # its neighbour stays
+
+
+def test_a_killed_appliance_names_the_call_that_timed_out() -> None:
+    """The status of an appliance's disks says why it died: a call that timed out (a frozen
+    NBD server hangs qemu's reads) is named, not "worker or qemu exited"."""
+    from vfsroot.appliance import Appliance
+    from vfsroot.guest_process import AttachOptions
+
+    a = Appliance(AttachOptions())
+    assert a.death == "appliance died (worker or qemu exited)"
+    a.process._dead = "remount timed out after 30 s"
+    assert a.death == "appliance killed: remount timed out after 30 s"
+    a.process._dead = "closed"
+    assert a.death == "appliance died (worker or qemu exited)"
