@@ -288,17 +288,22 @@ class Pump:
         """Run one handler for ``t``; whatever it raises ends that transfer only."""
         try:
             action(t, now)
-        except (PeerGone, ClientError, TimedOut, OSError) as exc:
-            self._finish(t, exc)
-            return
-        except Exception as exc:  # a bug must end this transfer, not the pump
-            log.exception("transfer pump failed fd=%d", t.fd)
-            self._finish(t, exc)
+        except Exception as exc:
+            self._fail(t, exc)
             return
         if t.sender.outcome == "ok":
             self._finish(t)
         elif not t.finished:
             self._schedule(t)
+
+    def _fail(self, t: Transfer, exc: Exception) -> None:
+        """End ``t`` with ``exc``, raised by one of its handlers: the one place that decides
+        what a handler's exception means.  The transfer's own ends (client gone or aborting,
+        retries spent, the file's read error) go to its session as they are; anything else is
+        a bug, logged with its traceback -- it ends this transfer, never the pump."""
+        if not isinstance(exc, (PeerGone, ClientError, TimedOut, OSError)):
+            log.error("transfer pump failed fd=%d", t.fd, exc_info=exc)
+        self._finish(t, exc)
 
     def _schedule(self, t: Transfer) -> None:
         """Make sure a timer fires no later than the sender's deadline.  Deadlines mostly move
@@ -373,12 +378,8 @@ class Pump:
                             sender.sent(first, first, now)
                 else:
                     self._transmit(t, due, now)
-        except (PeerGone, ClientError, OSError) as exc:
-            self._finish(t, exc)
-            return
-        except Exception as exc:  # a bug must end this transfer, not the pump
-            log.exception("transfer pump failed fd=%d", t.fd)
-            self._finish(t, exc)
+        except Exception as exc:
+            self._fail(t, exc)
             return
         at = sender.deadline
         if at is not None and (t.timer_at is None or at < t.timer_at):
