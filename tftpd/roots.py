@@ -77,9 +77,9 @@ class ClientRoots:
     def open(self, client_ip: str, relpath: str) -> OpenedFile:
         """Open ``relpath`` (already normalised by :mod:`tftpd.paths`) for ``client_ip``.
 
-        Blocking: call it through ``trio.to_thread.run_sync``.  Raises OpenRefused with the TFTP
-        error code to send: 1 for a missing file (clients probe many names), 2 for everything the
-        client may not read.
+        Blocking: call it in a worker thread (:func:`tftpd.offload.run_sync`).  Raises
+        OpenRefused with the TFTP error code to send: 1 for a missing file (clients probe many
+        names), 2 for everything the client may not read.
         """
         base = self.directory_for(client_ip)
         full = os.path.join(base, relpath)
