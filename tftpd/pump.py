@@ -208,26 +208,36 @@ class Pump:
         """
         task_status.started()
         clock = time.perf_counter
+        now_trio = trio.current_time
+        wait_readable = trio.lowlevel.wait_readable
+        epfd = self._ep.fileno()
+        inf = float("inf")
         try:
             while True:
-                yield_at = clock() + _YIELD_EVERY
-                busy = False
-                while self._pass(clock()):
-                    if clock() >= yield_at:
-                        busy = True
-                        break
-                if busy:  # still work to do: let the other tasks in, then go on
-                    await trio.lowlevel.checkpoint()
-                    continue
-                timers = self._timers
-                deadline = float("inf")
-                if timers:
-                    deadline = timers[0][0] - clock() + trio.current_time()
-                with trio.move_on_at(deadline) as scope:
-                    self._wait_scope = scope
-                    if not self._runnable:
-                        await trio.lowlevel.wait_readable(self._ep.fileno())
-                self._wait_scope = None
+                # One cancel scope for as many sleeps as end in readiness (every ACK batch):
+                # a new scope per sleep cost more than the pass it woke for.  Its deadline is
+                # the next retransmission; when that fires, or a read-ahead completes
+                # (_make_runnable cancels it), the scope ends and the next one begins.
+                with trio.CancelScope() as scope:
+                    while True:
+                        yield_at = clock() + _YIELD_EVERY
+                        busy = False
+                        while self._pass(clock()):
+                            if clock() >= yield_at:
+                                busy = True
+                                break
+                        if busy:  # still work to do: let the other tasks in, then go on
+                            await trio.lowlevel.checkpoint()
+                            continue
+                        if self._runnable:
+                            continue
+                        timers = self._timers
+                        scope.deadline = (timers[0][0] - clock() + now_trio()) if timers else inf
+                        self._wait_scope = scope  # only while asleep: see _schedule
+                        try:
+                            await wait_readable(epfd)
+                        finally:
+                            self._wait_scope = None
         finally:
             # Sessions are cancelled before the pump; anything left must not wait forever.
             for t in list(self._by_fd.values()):
