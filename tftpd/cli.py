@@ -100,10 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-ahead", type=_bounded(4096, 64 << 20), default=256 * 1024,
                    metavar="BYTES", help="file bytes read per thread call and session")
     p.add_argument("--max-transfer-seconds", type=_positive_float, default=3600.0)
-    p.add_argument("--spin-us", type=_bounded(0, 10000), default=0, metavar="MICROSECONDS",
+    p.add_argument("--spin-us", type=_bounded(0, 10000), default=200, metavar="MICROSECONDS",
                    help="busy-poll this long for an ACK while only one transfer runs and its "
-                        "RTT is shorter (lock-step latency on a dedicated machine; default 0 "
-                        "= off)")
+                        "RTT is shorter (lock-step latency; default 200, 0 = off)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, time running transfers get to finish")
     p.add_argument("--follow-outside-symlinks", action="store_true",

@@ -41,12 +41,11 @@ class TransferPolicy:
     max_transfer_seconds: float = 3600.0
     #: Minimum gap before a duplicate or mid-window ACK may trigger a resend, seconds.
     resend_holdoff_min: float = 0.002
-    #: Busy-poll this long for an ACK before sleeping in the event loop (0, the default,
-    #: disables it) ...  Off by default: on loopback the ACK is usually back before the pump's
-    #: next pass anyway, and when it is not, the spinning worker takes a CPU the client (or
-    #: another worker) needed -- on the 2-CPU machine of docs/tftpd.md lock-step was 5-35 %
-    #: faster without it, at less CPU, in every one of seven paired runs.
-    spin_seconds: float = 0.0
+    #: Busy-poll this long for an ACK before sleeping in the event loop (0 disables) ...
+    #: A lock-step transfer to a nearby client waits tens of microseconds per ACK; sleeping
+    #: and being woken for each can cost more than that.  On a loaded machine the spinning
+    #: worker takes the CPU the client needs instead (docs/tftpd.md, Benchmark: what limits it).
+    spin_seconds: float = 0.0002
     #: ... but only while at most this many transfers run (per worker), and only for
     #: transfers whose smoothed RTT is below ``spin_seconds`` (never in a storm, never for a
     #: client a millisecond away).
