@@ -10,6 +10,7 @@ yet, the source calls its ``on_ready`` callback once it is, and only that transf
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import trio
 
 from vfsroot.fileio import pread_exact
 
+from . import offload
 from .netascii import encode as netascii_encode
 
 
@@ -211,10 +213,9 @@ class BlockSource:
     async def _read_ahead(self, offset: int, done: trio.Event, scope: trio.CancelScope) -> None:
         with scope:
             try:
-                data = await trio.to_thread.run_sync(
-                    self._handle.pread_exact, self._chunk, offset,
-                    limiter=self._limiter, abandon_on_cancel=True,
-                )
+                data = await offload.run_sync(
+                    functools.partial(self._handle.pread_exact, self._chunk, offset),
+                    self._limiter)
                 if not self._closed:  # a read that finished as the transfer ended: drop it
                     self._next = data
             except Exception as exc:  # must not reach the server's nursery
@@ -251,10 +252,8 @@ class BlockSource:
             self._take_prefetched()
             return
         want = max(self._chunk, end - (self._buf_off + len(self._buf)))
-        data = await trio.to_thread.run_sync(
-            self._handle.pread_exact, want, self._raw_off,
-            limiter=self._limiter, abandon_on_cancel=True,
-        )
+        data = await offload.run_sync(
+            functools.partial(self._handle.pread_exact, want, self._raw_off), self._limiter)
         self._append(data, want)
 
     def _take_prefetched(self) -> None:

@@ -43,7 +43,8 @@ class TransferPolicy:
     resend_holdoff_min: float = 0.002
     #: Busy-poll this long for an ACK before sleeping in the event loop (0 disables) ...
     #: A lock-step transfer to a nearby client waits tens of microseconds per ACK; sleeping
-    #: and being woken for each costs more than that (and twice the CPU).
+    #: and being woken for each can cost more than that.  On a loaded machine the spinning
+    #: worker takes the CPU the client needs instead (docs/tftpd.md, Benchmark: what limits it).
     spin_seconds: float = 0.0002
     #: ... but only while at most this many transfers run (per worker), and only for
     #: transfers whose smoothed RTT is below ``spin_seconds`` (never in a storm, never for a

@@ -208,26 +208,36 @@ class Pump:
         """
         task_status.started()
         clock = time.perf_counter
+        now_trio = trio.current_time
+        wait_readable = trio.lowlevel.wait_readable
+        epfd = self._ep.fileno()
+        inf = float("inf")
         try:
             while True:
-                yield_at = clock() + _YIELD_EVERY
-                busy = False
-                while self._pass(clock()):
-                    if clock() >= yield_at:
-                        busy = True
-                        break
-                if busy:  # still work to do: let the other tasks in, then go on
-                    await trio.lowlevel.checkpoint()
-                    continue
-                timers = self._timers
-                deadline = float("inf")
-                if timers:
-                    deadline = timers[0][0] - clock() + trio.current_time()
-                with trio.move_on_at(deadline) as scope:
-                    self._wait_scope = scope
-                    if not self._runnable:
-                        await trio.lowlevel.wait_readable(self._ep.fileno())
-                self._wait_scope = None
+                # One cancel scope for as many sleeps as end in readiness (every ACK batch):
+                # a new scope per sleep cost more than the pass it woke for.  Its deadline is
+                # the next retransmission; when that fires, or a read-ahead completes
+                # (_make_runnable cancels it), the scope ends and the next one begins.
+                with trio.CancelScope() as scope:
+                    while True:
+                        yield_at = clock() + _YIELD_EVERY
+                        busy = False
+                        while self._pass(clock()):
+                            if clock() >= yield_at:
+                                busy = True
+                                break
+                        if busy:  # still work to do: let the other tasks in, then go on
+                            await trio.lowlevel.checkpoint()
+                            continue
+                        if self._runnable:
+                            continue
+                        timers = self._timers
+                        scope.deadline = (timers[0][0] - clock() + now_trio()) if timers else inf
+                        self._wait_scope = scope  # only while asleep: see _schedule
+                        try:
+                            await wait_readable(epfd)
+                        finally:
+                            self._wait_scope = None
         finally:
             # Sessions are cancelled before the pump; anything left must not wait forever.
             for t in list(self._by_fd.values()):
@@ -288,17 +298,22 @@ class Pump:
         """Run one handler for ``t``; whatever it raises ends that transfer only."""
         try:
             action(t, now)
-        except (PeerGone, ClientError, TimedOut, OSError) as exc:
-            self._finish(t, exc)
-            return
-        except Exception as exc:  # a bug must end this transfer, not the pump
-            log.exception("transfer pump failed fd=%d", t.fd)
-            self._finish(t, exc)
+        except Exception as exc:
+            self._fail(t, exc)
             return
         if t.sender.outcome == "ok":
             self._finish(t)
         elif not t.finished:
             self._schedule(t)
+
+    def _fail(self, t: Transfer, exc: Exception) -> None:
+        """End ``t`` with ``exc``, raised by one of its handlers: the one place that decides
+        what a handler's exception means.  The transfer's own ends (client gone or aborting,
+        retries spent, the file's read error) go to its session as they are; anything else is
+        a bug, logged with its traceback -- it ends this transfer, never the pump."""
+        if not isinstance(exc, (PeerGone, ClientError, TimedOut, OSError)):
+            log.error("transfer pump failed fd=%d", t.fd, exc_info=exc)
+        self._finish(t, exc)
 
     def _schedule(self, t: Transfer) -> None:
         """Make sure a timer fires no later than the sender's deadline.  Deadlines mostly move
@@ -373,12 +388,8 @@ class Pump:
                             sender.sent(first, first, now)
                 else:
                     self._transmit(t, due, now)
-        except (PeerGone, ClientError, OSError) as exc:
-            self._finish(t, exc)
-            return
-        except Exception as exc:  # a bug must end this transfer, not the pump
-            log.exception("transfer pump failed fd=%d", t.fd)
-            self._finish(t, exc)
+        except Exception as exc:
+            self._fail(t, exc)
             return
         at = sender.deadline
         if at is not None and (t.timer_at is None or at < t.timer_at):

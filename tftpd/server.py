@@ -624,13 +624,15 @@ class TftpServer:
         st.duplicate_acks += res.duplicate_acks
         if self.on_transfer is not None:
             self.on_transfer(res)
-        rate = res.bytes_sent / res.seconds / 1e6 if res.seconds > 0 else 0.0
-        opts = ",".join(f"{k}={v}" for k, v in res.options.items()) or "-"
         level = logging.INFO
         if res.outcome in _WARN_OUTCOMES:
             level = logging.WARNING
         elif res.outcome == "error":
             level = logging.ERROR
+        if not log.isEnabledFor(level):
+            return  # (--log-level WARNING: the line of a good transfer costs nothing)
+        rate = res.bytes_sent / res.seconds / 1e6 if res.seconds > 0 else 0.0
+        opts = ",".join(f"{k}={v}" for k, v in res.options.items()) or "-"
         log.log(level, "transfer client=%s port=%d file=%s bytes=%d seconds=%.3f MB/s=%.2f "
                 "options=%s retransmits=%d dup_acks=%d outcome=%s%s",
                 res.client, res.port, _loggable(res.filename), res.bytes_sent, res.seconds, rate,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import functools
 import logging
 import os
 import socket
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import netascii, packets
+from . import netascii, offload, packets
 from .blocks import BlockSource, FileHandle, chunk_size
 from .options import Negotiated, TransferPolicy, negotiate
 from .packets import (
@@ -244,9 +245,7 @@ class Session:
             return opened, data
 
         try:
-            return await trio.to_thread.run_sync(
-                opener, limiter=self._ctx.limiter, abandon_on_cancel=True
-            )
+            return await offload.run_sync(opener, self._ctx.limiter)
         except trio.Cancelled:
             with lock:
                 state["abandoned"] = True
@@ -288,10 +287,8 @@ class Session:
         is_netascii = req.mode == "netascii"
         size = opened.size
         if is_netascii and "tsize" in req.options:
-            size = await trio.to_thread.run_sync(
-                netascii.encoded_size, handle.pread_exact, limiter=self._ctx.limiter,
-                abandon_on_cancel=True,
-            )
+            size = await offload.run_sync(
+                functools.partial(netascii.encoded_size, handle.pread_exact), self._ctx.limiter)
         neg = negotiate(req.options, self._policy, tsize=size, blksize_cap=self._mtu_cap())
         self.result.options = dict(neg.oack)
         source = BlockSource(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -121,6 +123,39 @@ class RawClient:
                 break
             seen.append(got[0])
         return seen
+
+
+class DaemonProcess:
+    """vfsroot-tftpd (or any daemon) in a trio subprocess whose stderr is its log: tests wait
+    for log lines instead of sleeping, and keep the whole log for their assertions."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.log = b""
+
+    async def read_until(self, pattern: bytes, timeout: float = 15) -> re.Match[bytes]:
+        """The first match of ``pattern`` in the log, reading more of it until it appears."""
+        assert self.proc.stderr is not None
+        with trio.fail_after(timeout):
+            while (m := re.search(pattern, self.log)) is None:
+                chunk = await self.proc.stderr.receive_some(65536)
+                if not chunk:
+                    raise AssertionError(f"exited before {pattern!r}: {self.log.decode()}")
+                self.log += chunk
+        return m
+
+    async def wait(self, timeout: float = 15) -> int:
+        """Read the log to its end and return the exit status."""
+        assert self.proc.stderr is not None
+        with trio.fail_after(timeout):
+            while chunk := await self.proc.stderr.receive_some(65536):
+                self.log += chunk
+            return await self.proc.wait()
+
+    async def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, then :meth:`wait`."""
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(timeout)
 
 
 @dataclass

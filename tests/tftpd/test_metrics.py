@@ -5,7 +5,6 @@ prometheus_client's own parser, and check that transfers move exactly the counte
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,43 +17,17 @@ from tftpd.client import TftpError, fetch
 
 from ..scrape import scrape
 from .conftest import CLIENT_A
-from .helpers import RawClient, file_sha256
+from .helpers import DaemonProcess, RawClient, file_sha256
 
 PY = sys.executable
 BLKSIZE = 1468
 
 
-class Daemon:
-    """vfsroot-tftpd in a subprocess; learns its TFTP and metrics ports from its log."""
-
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.log = b""
-
-    async def read_until(self, pattern: bytes, timeout: float = 15) -> re.Match[bytes]:
-        assert self.proc.stderr is not None
-        with trio.fail_after(timeout):
-            while (m := re.search(pattern, self.log)) is None:
-                chunk = await self.proc.stderr.receive_some(65536)
-                if not chunk:
-                    raise AssertionError(f"exited before {pattern!r}: {self.log.decode()}")
-                self.log += chunk
-        return m
-
-    async def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.stderr is not None
-        with trio.fail_after(15):
-            while chunk := await self.proc.stderr.receive_some(65536):
-                self.log += chunk
-            return await self.proc.wait()
-
-
-async def start(args: list[str]) -> tuple[Daemon, tuple[str, int], str]:
+async def start(args: list[str]) -> tuple[DaemonProcess, tuple[str, int], str]:
     proc = await trio.lowlevel.open_process(
         [PY, "-c", "import sys; from tftpd.cli import main; sys.exit(main())", *args],
         stderr=subprocess.PIPE)
-    d = Daemon(proc)
+    d = DaemonProcess(proc)
     try:
         metrics = await d.read_until(rb"metrics endpoint daemon=vfsroot-tftpd url=(\S+)")
         tftp = await d.read_until(rb"listening addresses=[^ ]*:(\d+)")
@@ -200,7 +173,7 @@ async def test_off_by_default_no_endpoint(tree: Path) -> None:
     proc = await trio.lowlevel.open_process(
         [PY, "-c", "import sys; from tftpd.cli import main; sys.exit(main())", "--root",
          str(tree), "--listen", "127.0.0.1:0", "--workers", "1"], stderr=subprocess.PIPE)
-    d = Daemon(proc)
+    d = DaemonProcess(proc)
     try:
         m = await d.read_until(rb"listening addresses=[^ ]*:(\d+)")
         res = await fetch(("127.0.0.1", int(m.group(1))), "whoami", bind=CLIENT_A)

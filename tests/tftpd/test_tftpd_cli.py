@@ -22,35 +22,15 @@ from tftpd.client import fetch
 from tftpd.server import ServerConfig, TftpServer
 
 from .conftest import CLIENT_A
-from .helpers import FAST, RawClient, file_sha256
+from .helpers import FAST, DaemonProcess, RawClient, file_sha256
 
 PY = sys.executable
 
 
-class Cli:
+class Cli(DaemonProcess):
     """vfsroot-tftpd in a subprocess; knows its port from the 'listening' log line."""
 
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.log = b""
-        self.port = 0
-
-    async def read_until(self, pattern: bytes, timeout: float = 10) -> re.Match[bytes]:
-        assert self.proc.stderr is not None
-        with trio.fail_after(timeout):
-            while (m := re.search(pattern, self.log)) is None:
-                chunk = await self.proc.stderr.receive_some(65536)
-                if not chunk:
-                    raise AssertionError(f"exited before {pattern!r}: {self.log.decode()}")
-                self.log += chunk
-        return m
-
-    async def wait(self, timeout: float = 10) -> int:
-        assert self.proc.stderr is not None
-        with trio.fail_after(timeout):
-            while chunk := await self.proc.stderr.receive_some(65536):
-                self.log += chunk
-            return await self.proc.wait()
+    port = 0
 
 
 async def start_cli(args: list[str], **kw: object) -> Cli:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tftpd.paths import MAX_COMPONENT_BYTES, MAX_PATH_BYTES, PathRefused, normalise
@@ -44,6 +44,8 @@ segment = st.one_of(
 )
 
 
+# No deadline or generation-speed check: a loaded machine slows the draw, not normalise().
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(segment, max_size=10), st.sampled_from(["/", "\\"]), st.booleans())
 def test_normalised_paths_are_plain_relative_paths(parts: list[str], sep: str,
                                                    lead: bool) -> None:

@@ -153,8 +153,14 @@ async def test_errors_are_clear(tree: Path, caplog: pytest.LogCaptureFixture) ->
 
 async def test_one_log_line_per_transfer(tree: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tftpd")
-    async with running(tree) as (_server, addr):
-        await fetch(addr, "1m.bin", blksize=1428, windowsize=8, bind=CLIENT_A)
+    # A 5 s retransmission timer: on a loaded machine the 0.1 s one of FAST fires during a
+    # clean transfer and 'retransmits=0' would be about the machine, not the server.  The
+    # server logs when it has seen the last ACK: wait for that (running() waits 0.5 s only,
+    # then ends the transfer as 'shutdown').
+    async with running(tree, policy=SLOW_RETRANSMIT) as (server, addr):
+        await fetch(addr, "1m.bin", blksize=1428, windowsize=8, bind=CLIENT_A, retransmit=5.0)
+        with trio.fail_after(10):
+            await server.wait_idle()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("transfer ")]
     assert len(lines) == 1
     line = lines[0]

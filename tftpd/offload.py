@@ -1,0 +1,66 @@
+"""Blocking file work in a worker thread, with the least trio machinery per call.
+
+Every request opens a file in a worker thread (the FUSE tree can block on a disk), so for the
+small configs firmware fetches by the dozen the thread hop is a large share of the request.
+``trio.to_thread.run_sync`` is general: it copies the context, names the OS thread for the
+call and back (two ``prctl`` system calls), tracks the thread for ``from_thread`` and wraps the
+call in a generator of its own.  None of that is needed to run ``os.open``/``pread`` and hand
+back the result, so :func:`run_sync` uses trio's thread cache directly
+(:func:`trio.lowlevel.start_thread_soon`) and reschedules the waiting task itself.
+
+Semantics are those of ``trio.to_thread.run_sync(fn, limiter=limiter,
+abandon_on_cancel=True)``: the call takes one token of ``limiter`` for as long as the thread
+runs (also after the caller gave up waiting: an abandoned read still occupies a thread), a
+cancelled caller returns at once, and the thread's result is then dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+if TYPE_CHECKING:
+    import outcome
+
+T = TypeVar("T")
+
+
+class _Borrower:
+    """One call's claim on the limiter (a fresh object: the limiter tracks who holds what)."""
+
+    __slots__ = ()
+
+
+async def run_sync(fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
+    """``fn()`` in a worker thread under ``limiter``; its result or its exception."""
+    borrower = _Borrower()
+    await limiter.acquire_on_behalf_of(borrower)
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+    abandoned = False
+
+    def back(result: outcome.Outcome[T]) -> None:  # on the event loop
+        limiter.release_on_behalf_of(borrower)
+        if not abandoned:
+            trio.lowlevel.reschedule(task, result)
+
+    def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
+        # A loop that is gone has nobody waiting for this result any more.
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(back, result)
+
+    try:
+        trio.lowlevel.start_thread_soon(fn, deliver)
+    except BaseException:
+        limiter.release_on_behalf_of(borrower)
+        raise
+
+    def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+        nonlocal abandoned
+        abandoned = True
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
