@@ -28,6 +28,7 @@ import hashlib
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,9 +265,21 @@ def not_flat(first: dict[str, procs.Sample], last: dict[str, procs.Sample]) -> l
     return grew
 
 
+def _reason(bad: str) -> str:
+    """A failure line without its client and file (``<ip> <name>: <why>``)."""
+    return bad.split(": ", 1)[-1]
+
+
 def report(result: SoakResult, first: dict[str, procs.Sample],
            last: dict[str, procs.Sample]) -> list[str]:
     lines = [t.line(name) for name, t in result.tallies.items()]
+    for name, t in result.tallies.items():
+        # Every failure is shown by its reason (a count per reason, then the first few in
+        # full): a soak that only counts them hides what went wrong.
+        reasons = Counter(_reason(b) for b in t.bad)
+        for why, n in reasons.most_common():
+            lines.append(f"  {name} failed {n} x: {why}")
+        lines.extend(f"    e.g. {b}" for b in t.bad[:5])
     lines.append(f"lossy client: {result.relay}")
     lines.append("slowest edit to show through TFTP: " + ", ".join(
         f"{k} {v:.2f} s" for k, v in sorted(result.edit_delay_max.items())))
