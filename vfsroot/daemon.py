@@ -43,12 +43,21 @@ EXIT_MOUNT_FAILED = 6
 EXIT_METRICS = 7
 
 
+#: FUSE requests served at once (pyfuse3's own default is 99).  A lookup held for an
+#: attaching disk keeps its task for up to `--attach-wait`; with 99, a fleet booting during
+#: the start-up launches stalled every other request, default/ files of other clients
+#: included.  A task costs a few KiB (its request buffer is allocated, not touched), so the
+#: bound is generous: ~500 clients each with a request and a retransmission held.
+FUSE_TASKS = 1024
+
+
 @dataclass
 class ServeOptions:
     source: Path
     mount: Path = DEFAULT_MOUNT
     disks: Any = None  # DiskManager, when client disks are enabled
     metrics: MetricsAddress | None = None  # --metrics HOST:PORT; None: off
+    fuse_tasks: int = FUSE_TASKS  # --fuse-tasks
 
 
 def check_source(source: Path) -> None:
@@ -206,7 +215,7 @@ async def _serve_mounted(options: ServeOptions, ops: VfsOperations, watcher: Sou
             log.info("mounted source=%s mount=%s", options.source, options.mount)
             systemd.notify("READY=1\nSTATUS=serving " + str(options.mount))
             task_status.started(options.mount)
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=options.fuse_tasks)
             log.info("FUSE loop ended mount=%s", options.mount)
         finally:
             with trio.CancelScope(shield=True):
