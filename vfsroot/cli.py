@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .defaults import DEFAULT_MOUNT
+from .defaults import DEFAULT_MOUNT, FUSE_TASKS
 from .errors import QuietError
 from .exporter import parse_metrics_address
 from .names import DEFAULT, is_client_name
@@ -36,8 +36,6 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .daemon import FUSE_TASKS  # noqa: PLC0415  (pyfuse3 only once a parser is built)
-
     parser = argparse.ArgumentParser(
         prog="vfsroot",
         description="Per-client read-only boot trees for network-booted machines.",

@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from . import systemd
-from .defaults import DEFAULT_MOUNT
+from .defaults import DEFAULT_MOUNT, FUSE_TASKS
 from .errors import QuietError
 from .exporter import MetricsAddress, MetricsError, MetricsServer, bind_metrics
 from .fs import VfsOperations
@@ -41,14 +41,6 @@ EXIT_MOUNT_BUSY = 4
 EXIT_NO_FUSE = 5
 EXIT_MOUNT_FAILED = 6
 EXIT_METRICS = 7
-
-
-#: FUSE requests served at once (pyfuse3's own default is 99).  A lookup held for an
-#: attaching disk keeps its task for up to `--attach-wait`; with 99, a fleet booting during
-#: the start-up launches stalled every other request, default/ files of other clients
-#: included.  A task costs a few KiB (its request buffer is allocated, not touched), so the
-#: bound is generous: ~500 clients each with a request and a retransmission held.
-FUSE_TASKS = 1024
 
 
 @dataclass
