@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .defaults import DEFAULT_MOUNT
+from .defaults import DEFAULT_MOUNT, FUSE_TASKS
 from .errors import QuietError
 from .exporter import parse_metrics_address
 from .names import DEFAULT, is_client_name
@@ -26,6 +26,13 @@ def _disk_support() -> tuple[object, object] | None:
     except ImportError:
         return None
     return DiskOptions, DiskManager
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics", type=parse_metrics_address, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics "
                             "(default: off)")
+    serve.add_argument("--fuse-tasks", type=_positive_int, default=FUSE_TASKS, metavar="N",
+                       help="FUSE requests served at once; lookups held for an attaching "
+                            "disk count against it (default %(default)s)")
     disks = _disk_support()
     if disks is not None:
         disks[0].add_arguments(serve)  # type: ignore[attr-defined]
@@ -107,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
         disk_options_cls, disk_manager_cls = support
         disk_manager = disk_manager_cls(source, disk_options_cls.from_args(args))  # type: ignore[operator,attr-defined]
     trio.run(serve, ServeOptions(source=source, mount=args.mount.absolute(), disks=disk_manager,
-                                 metrics=args.metrics))
+                                 metrics=args.metrics, fuse_tasks=args.fuse_tasks))
     return 0
 
 

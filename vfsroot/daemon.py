@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from . import systemd
-from .defaults import DEFAULT_MOUNT
+from .defaults import DEFAULT_MOUNT, FUSE_TASKS
 from .errors import QuietError
 from .exporter import MetricsAddress, MetricsError, MetricsServer, bind_metrics
 from .fs import VfsOperations
@@ -49,6 +49,7 @@ class ServeOptions:
     mount: Path = DEFAULT_MOUNT
     disks: Any = None  # DiskManager, when client disks are enabled
     metrics: MetricsAddress | None = None  # --metrics HOST:PORT; None: off
+    fuse_tasks: int = FUSE_TASKS  # --fuse-tasks
 
 
 def check_source(source: Path) -> None:
@@ -206,7 +207,7 @@ async def _serve_mounted(options: ServeOptions, ops: VfsOperations, watcher: Sou
             log.info("mounted source=%s mount=%s", options.source, options.mount)
             systemd.notify("READY=1\nSTATUS=serving " + str(options.mount))
             task_status.started(options.mount)
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=options.fuse_tasks)
             log.info("FUSE loop ended mount=%s", options.mount)
         finally:
             with trio.CancelScope(shield=True):

@@ -49,50 +49,11 @@ class DiskOptions:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        d = DiskOptions()
         g = parser.add_argument_group("client disks (SRC/<ip>.nbd, through libguestfs)")
-        g.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="S",
-                       help="detach a disk unused for this long (default %(default)s s)")
-        g.add_argument("--attach-timeout", type=float, default=d.attach_timeout, metavar="S",
-                       help="kill an appliance launch that takes longer "
-                            "(default %(default)s s; TCG launches take 25-45 s)")
-        g.add_argument("--attach-wait", type=float, default=d.attach_wait, metavar="S",
-                       help="how long a lookup waits for a disk that is attaching before it "
-                            "fails with EIO (default %(default)s s)")
-        g.add_argument("--call-timeout", type=float, default=d.call_timeout, metavar="S",
-                       help="kill the appliance if one guest call takes longer "
-                            "(default %(default)s s)")
-        g.add_argument("--disks-per-appliance", type=int, default=d.disks_per_appliance,
-                       metavar="N", help="disks launched together in one appliance at most "
-                       "(default %(default)s)")
-        g.add_argument("--batch-window", type=float, default=d.batch_window, metavar="S",
-                       help="attaches wanted within this long share one launch "
-                            "(default %(default)s s)")
-        g.add_argument("--max-memory", type=int, default=d.max_memory, metavar="MiB",
-                       help="memory of all appliances together; the least recently used "
-                            "idle appliance is closed first (default %(default)s)")
-        g.add_argument("--max-appliances", type=int, default=d.max_appliances, metavar="N",
-                       help="appliances at most (default %(default)s)")
-        g.add_argument("--max-launches", type=int, default=d.max_launches, metavar="N",
-                       help="appliance launches at once (default %(default)s)")
-        g.add_argument("--appliance-memory", type=int, default=d.appliance_memory,
-                       metavar="MiB", help="guest memory of each appliance "
-                       "(default %(default)s)")
+        for name, metavar, text in _FLAGS:
+            _add(g, name, metavar, text)
         g.add_argument("--force-tcg", action="store_true",
                        help="never try KVM (nested KVM hangs on some hosts; see vfsroot check)")
-        g.add_argument("--kvm-timeout", type=float, default=d.kvm_timeout, metavar="S",
-                       help="bound of the KVM probe launch at start; past it the daemon uses "
-                            "TCG (default %(default)s s)")
-        g.add_argument("--refresh-quiet", type=float, default=d.refresh_quiet, metavar="S",
-                       help="remount before a lookup that follows this much silence on the "
-                            "disk (default %(default)s s)")
-        g.add_argument("--max-staleness", type=float, default=d.max_staleness, metavar="S",
-                       help="never answer from a snapshot older than this while no transfer "
-                            "is open (default %(default)s s)")
-        g.add_argument("--retry-min", type=float, default=d.retry_min, metavar="S",
-                       help="first retry after a failed attach (doubles; default %(default)s s)")
-        g.add_argument("--retry-max", type=float, default=d.retry_max, metavar="S",
-                       help="longest wait between retries (default %(default)s s)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DiskOptions:
@@ -123,3 +84,40 @@ class DiskOptions:
         if self.python:
             opts.python = self.python
         return opts
+
+
+#: (field, metavar, help) of every valued flag, in `--help` order; the default and the type
+#: come from `DiskOptions` itself, so a default is written once.
+_FLAGS: list[tuple[str, str, str]] = [
+    ("idle_timeout", "S", "detach a disk unused for this long (default %(default)s s)"),
+    ("attach_timeout", "S", "kill an appliance launch that takes longer "
+                            "(default %(default)s s; TCG launches take 15-45 s)"),
+    ("attach_wait", "S", "how long a lookup waits for a disk that is attaching before it "
+                         "fails with EIO (default %(default)s s)"),
+    ("call_timeout", "S", "kill the appliance if one guest call takes longer "
+                          "(default %(default)s s)"),
+    ("disks_per_appliance", "N", "disks launched together in one appliance at most "
+                                 "(default %(default)s)"),
+    ("batch_window", "S", "attaches wanted within this long share one launch "
+                          "(default %(default)s s)"),
+    ("max_memory", "MiB", "memory of all appliances together; the least recently used "
+                          "idle appliance is closed first (default %(default)s)"),
+    ("max_appliances", "N", "appliances at most (default %(default)s)"),
+    ("max_launches", "N", "appliance launches at once (default %(default)s)"),
+    ("appliance_memory", "MiB", "guest memory of each appliance (default %(default)s)"),
+    ("kvm_timeout", "S", "bound of the KVM probe launch at start; past it the daemon uses "
+                         "TCG (default %(default)s s)"),
+    ("refresh_quiet", "S", "remount before a lookup that follows this much silence on the "
+                           "disk (default %(default)s s)"),
+    ("max_staleness", "S", "never answer from a snapshot older than this while no transfer "
+                           "is open (default %(default)s s)"),
+    ("retry_min", "S", "first retry after a failed attach (doubles; default %(default)s s)"),
+    ("retry_max", "S", "longest wait between retries (default %(default)s s)"),
+]
+
+
+def _add(group: argparse._ArgumentGroup, name: str, metavar: str, text: str) -> None:
+    """`--name-with-dashes`, typed and defaulted like the `DiskOptions` field `name`."""
+    default = getattr(DiskOptions(), name)
+    group.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       metavar=metavar, help=text)

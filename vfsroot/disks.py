@@ -689,8 +689,9 @@ class DiskManager:
                 return
             release()
             log.info("appliance launched appliance=%s seconds=%.1f qemu_pid=%s added=%d "
-                     "failed=%d", a.id, info.get("launch_s", 0), info.get("qemu_pid"),
-                     len(info.get("added", [])), len(info.get("failed", {})))
+                     "failed=%d kernel=%r", a.id, info.get("launch_s", 0), info.get("qemu_pid"),
+                     len(info.get("added", [])), len(info.get("failed", {})),
+                     info.get("kernel"))
             for d in batch:
                 if d.client in info.get("failed", {}) and current(d):
                     self._finish(d, t0, f"attach failed: {info['failed'][d.client][1]}")

@@ -1,10 +1,15 @@
-"""A TCP relay in front of an NBD server that holds every connection until it is opened.
+"""A TCP relay in front of an NBD server that holds every client's handshake until opened.
 
 An appliance launch takes 25-45 s under TCG but a few seconds with KVM: a test that must look
 at a disk while it is *attaching* cannot rely on the machine being slow.  Pointing the client's
-`.nbd` at this relay makes the attach slow on purpose (qemu waits for the NBD handshake, as it
-does behind a hanging server) for exactly as long as the test needs, with no hook in the
-daemon; `open()` lets the held connections and all later ones through to the real server.
+`.nbd` at this relay makes the attach slow on purpose (qemu-img, making the overlay, waits for
+the NBD handshake, as it does behind a hanging server) for exactly as long as the test needs,
+with no hook in the daemon; `open()` lets the held connections and all later ones through to
+the real server.
+
+The server's greeting is relayed at once, only what the client sends is held: the daemon's
+pre-launch probe (it reads the greeting and hangs up) passes, as it does for a real server
+that is slow behind its greeting, and the disk stays "attaching" instead of failing the probe.
 """
 
 from __future__ import annotations
@@ -61,9 +66,6 @@ class AttachGate:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        self._open.wait()
-        if self._closed:
-            return
         try:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
         except OSError:
@@ -71,6 +73,9 @@ class AttachGate:
             return
         self._track(upstream)
         threading.Thread(target=self._pipe, args=(upstream, conn), daemon=True).start()
+        self._open.wait()
+        if self._closed:
+            return
         self._pipe(conn, upstream)
 
     @staticmethod

@@ -1,0 +1,150 @@
+"""An appliance that skips its kernel's self-decompression: the same supermin appliance,
+booted through qemu's PVH entry from the kernel already decompressed once on the host.
+
+Why: Debian's kernel is an XZ-compressed bzImage.  Under TCG the appliance spends ~5 s of
+its 20-25 s launch decompressing it (measured: "Linux version" printed 6.5 s after qemu
+started, 1.3 s with the kernel below; docs/disks.md has the figures), and it does so at every
+launch.  Decompressed once on the host (~1 s) and handed to qemu as an ELF with a PVH entry
+note (XEN_ELFNOTE_PHYS32_ENTRY; Debian builds with CONFIG_PVH), qemu loads it straight into
+guest memory and jumps to its 32-bit entry.
+
+How: libguestfs boots a "fixed appliance" (files `kernel`, `initrd`, `root` and a marker
+`README.fixed` in a directory on its path) instead of the supermin one when told to.  This
+module builds such a directory next to libguestfs' own cached appliance
+(`<cachedir>/.guestfs-<uid>/appliance.d`): `initrd` and `root` hard-linked (a consistent
+snapshot even if supermin rebuilds its appliance meanwhile, at no cost in space), `kernel`
+decompressed.  The directory is named after the three source files (the kernel's sha256, the
+others' inodes), so a rebuilt supermin appliance gets a new one, and old ones are removed.
+
+When the fast path cannot be used, `fast_appliance` returns None and the caller launches as
+usual: no supermin appliance built yet (the first launch on a machine builds it), the supermin
+appliance is older than its inputs (supermin would rebuild it: its inputs are the packages
+libguestfs lists in `supermin.d` and the dpkg database), a kernel that is not an XZ bzImage
+or has no PVH note, a cache directory on another filesystem, or any I/O error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import lzma
+import os
+import shutil
+import struct
+import tempfile
+
+log = logging.getLogger(__name__)
+
+#: XZ stream magic, where a bzImage's compressed payload starts.
+XZ_MAGIC = b"\xfd7zXZ\x00"
+#: ELF note type of the 32-bit PVH entry point, in notes named "Xen" (Xen's elfnote.h).
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+#: Files whose being newer than the supermin appliance makes supermin rebuild it (`--if-newer`
+#: compares the output with its inputs: the appliance description and the package database).
+PACKAGE_DB = "/var/lib/dpkg/status"
+PREFIX = "vfsroot-pvh-"
+
+
+def has_pvh_note(elf: bytes) -> bool:
+    """True if the ELF64 image carries a Xen PHYS32_ENTRY note (qemu's PVH boot needs it)."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:  # 64-bit little-endian only
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize)
+        if p_type != 4:  # PT_NOTE
+            continue
+        at, end = p_offset, p_offset + p_filesz
+        while at + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, at)
+            name = elf[at + 12:at + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            at += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def decompress_bzimage(data: bytes) -> bytes | None:
+    """The vmlinux ELF inside an XZ-compressed bzImage, or None if it is not one."""
+    at = data.find(XZ_MAGIC)
+    if at < 0:
+        return None
+    try:
+        # The payload is followed by the bzImage's trailer: decompress one stream, ignore it.
+        out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[at:])
+    except lzma.LZMAError:
+        return None
+    return out if out[:4] == b"\x7fELF" else None
+
+
+def _identity(kernel: bytes, paths: list[str]) -> str:
+    """Names one build of the supermin appliance.  Not mtimes: libguestfs touches its cached
+    appliance at every launch (so that tmp cleaners spare it), while a rebuild makes new
+    files (new inodes) and usually a new kernel."""
+    h = hashlib.sha256(kernel)
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{st.st_dev}:{st.st_ino}:{st.st_size};".encode())
+    return h.hexdigest()[:16]
+
+
+def _stale(appliance_d: str, supermin_d: str) -> bool:
+    """supermin would rebuild its appliance (an input is newer): launch the usual way."""
+    built = min(os.stat(os.path.join(appliance_d, f)).st_mtime_ns
+                for f in ("kernel", "initrd", "root"))
+    inputs = [PACKAGE_DB, supermin_d]
+    with contextlib.suppress(OSError):
+        inputs += [os.path.join(supermin_d, n) for n in os.listdir(supermin_d)]
+    newest = 0
+    for p in inputs:
+        with contextlib.suppress(OSError):
+            newest = max(newest, os.stat(p).st_mtime_ns)
+    return newest > built
+
+
+def fast_appliance(cachedir: str, libguestfs_path: str) -> str | None:
+    """A fixed-appliance directory for `g.set_path()`, built on first use; None when the
+    usual launch must be used (see the module docstring).  `cachedir` is
+    `g.get_cachedir()`, `libguestfs_path` is `g.get_path()` (where `supermin.d` lives)."""
+    base = os.path.join(cachedir, f".guestfs-{os.geteuid()}")
+    appliance_d = os.path.join(base, "appliance.d")
+    sources = [os.path.join(appliance_d, f) for f in ("kernel", "initrd", "root")]
+    try:
+        if _stale(appliance_d, os.path.join(libguestfs_path, "supermin.d")):
+            return None
+        with open(sources[0], "rb") as f:
+            bzimage = f.read()
+        name = PREFIX + _identity(bzimage, sources[1:])
+        target = os.path.join(base, name)
+        if os.path.exists(os.path.join(target, "README.fixed")):
+            return target
+        vmlinux = decompress_bzimage(bzimage)
+        if vmlinux is None or not has_pvh_note(vmlinux):
+            log.info("appliance kernel: no XZ bzImage with a PVH note; usual launch")
+            return None
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + PREFIX, dir=base)
+        try:
+            with open(os.path.join(tmp, "kernel"), "wb") as f:
+                f.write(vmlinux)
+            for f_name in ("initrd", "root"):
+                os.link(os.path.join(appliance_d, f_name), os.path.join(tmp, f_name))
+            with open(os.path.join(tmp, "README.fixed"), "w") as f:
+                f.write("vfsroot: the supermin appliance with its kernel decompressed "
+                        "(vfsroot/guest_kernel.py)\n")
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not os.path.exists(os.path.join(target, "README.fixed")):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in os.listdir(base):  # earlier builds (qemus using them keep their files)
+            if old.startswith(PREFIX) and old != name:
+                shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+        return target
+    except OSError as e:
+        log.info("appliance kernel: fast path unavailable (%s); usual launch", e)
+        return None
