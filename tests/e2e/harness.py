@@ -15,6 +15,8 @@ Everything a boot needs is built or unpacked here, from Debian packages only:
 - `boot_ipxe`: qemu under TCG with Debian's iPXE ROM; `UBoot`: qemu-system-x86_64 with Debian's
   32-bit qemu-x86 U-Boot as its BIOS, driven over a serial socket that qemu waits on
   (`wait=on`), so the 2 s autoboot prompt is never missed.
+- `nginx_serving`: a stock nginx with docs/recipes.md's server block (`NGINX_SERVER`) over a
+  vfsroot mount, on loopback or on the bridge of a `Netns`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -686,3 +689,116 @@ class VfsrootMount:
 
 def vfsroot_tftpd_argv(root: Path, address: str = f"{SERVER_IP}:69") -> list[str]:
     return [*entry_point("vfsroot-tftpd"), "--root", str(root), "--listen", address]
+
+
+# --- a stock web server over the mount (docs/recipes.md, "HTTP boot") --------------------------
+
+#: The recipe's server block (docs/recipes.md), verbatim; tests replace the port and mount.
+NGINX_SERVER = """\
+server {
+    listen 80;
+    # every client gets its own tree: vfsroot's view of its address
+    root /run/vfsroot/$remote_addr;
+    autoindex off;
+    location / {
+        limit_except GET { deny all; }
+    }
+}
+"""
+
+#: The rest of a private nginx.conf: nothing of the system's configuration is read.
+NGINX_CONF = """\
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    default_type application/octet-stream;
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{server}
+}}
+"""
+
+
+def nginx_conf(prefix: Path, listen: str, mount: Path) -> Path:
+    """Write a private nginx.conf serving `mount` per client on `listen`; returns its path."""
+    server = NGINX_SERVER.replace("listen 80;", f"listen {listen};") \
+        .replace("/run/vfsroot/", f"{mount}/")
+    assert server != NGINX_SERVER and f"root {mount}/$remote_addr;" in server
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, server=server))
+    return conf
+
+
+def nginx_argv(conf: Path) -> list[str]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return [nginx, "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"]
+
+
+def world_traversable_mount(prefix: str) -> Path:
+    """A mount point that daemons which drop to an unprivileged user (nginx's workers,
+    dnsmasq, tftpd-hpa) can reach, as /run/vfsroot is (pytest's tmp directories are root-only);
+    remove `.parent` when done."""
+    parent = Path(tempfile.mkdtemp(prefix=prefix, dir="/run"))
+    parent.chmod(0o755)
+    return parent / "vfsroot"
+
+
+def curl(url: str, interface: str, *extra: str, argv_prefix: tuple[str, ...] = ()
+         ) -> tuple[int, bytes]:
+    """(HTTP status, body) of a GET from `interface`; the URL is sent exactly as written."""
+    cp = subprocess.run([*argv_prefix, "curl", "-sS", "--path-as-is", "--max-time", "20",
+                         "--interface", interface, "-o", "-", "-w", "\n%{http_code}", *extra,
+                         url], capture_output=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr.decode(errors="replace")
+    body, _, status = cp.stdout.rpartition(b"\n")
+    return int(status), body
+
+
+def wait_http(url: str, interface: str, expect: bytes, log: Path, timeout: float = 30,
+              argv_prefix: tuple[str, ...] = ()) -> None:
+    """GET `url` from `interface` until it answers 200 with exactly `expect`."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = curl(url, interface, argv_prefix=argv_prefix)
+            if last == (200, expect):
+                return
+        except AssertionError as e:  # not listening yet
+            last = e
+        time.sleep(0.2)
+    raise HarnessError(f"nginx never served {url}: {last!r}\n{tail(log)}")
+
+
+@contextlib.contextmanager
+def nginx_serving(mount: Path, prefix: Path, log: Path, probe: str, client: str,
+                  expect: bytes, ns: Netns | None = None) -> Iterator[int]:
+    """nginx with the recipe's server block (`NGINX_SERVER`) over `mount`; yields its port once
+    GET `probe` (a path) from `client` answers exactly `expect`.
+
+    In the root namespace it listens on 127.0.0.1 at a free port; with `ns`, on SERVER_IP:80
+    inside that namespace.  `prefix` is nginx's private directory (nginx.conf, access.log,
+    error.log), `log` takes its output.  nginx is stopped on the way out, so enter this inside
+    the `VfsrootMount`: nginx may hold files of the mount open and must go before the unmount.
+    """
+    prefix.mkdir(parents=True, exist_ok=True)
+    host, port = ("127.0.0.1", free_port()) if ns is None else (SERVER_IP, 80)
+    argv = nginx_argv(nginx_conf(prefix, f"{host}:{port}", mount))
+    if ns is None:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT)
+    else:
+        proc = ns.popen(argv, log)
+    try:
+        wait_http(f"http://{host}:{port}{probe}", client, expect, log,
+                  argv_prefix=() if ns is None else tuple(ns.argv([])))
+        yield port
+    finally:
+        stop_process(proc)

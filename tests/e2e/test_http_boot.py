@@ -10,7 +10,8 @@
   kernel and initrd from nginx in the test's namespace, and nginx reads them through vfsroot
   from the client's NBD disk.  No TFTP server runs at all.
 
-The nginx server block is `NGINX_SERVER`, which docs/recipes.md shows verbatim
+The nginx server block is `NGINX_SERVER` (tests/e2e/harness.py, with `nginx_serving`, which
+starts nginx over a mount), and docs/recipes.md shows it verbatim
 (`test_nginx_recipe_is_the_tested_one`).
 """
 
@@ -22,9 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,22 +32,24 @@ import pytest
 from ..scrape import scrape
 from .harness import (
     CLIENT_IP,
+    NGINX_SERVER,
     SERVER_IP,
-    HarnessError,
     NbdServer,
     Netns,
     VfsrootMount,
     boot_ipxe,
     build_disk,
     build_initrd,
+    curl,
     dnsmasq_argv,
-    free_port,
     host_kernel,
     ipxe_script,
     nbd_config,
+    nginx_serving,
     stop_process,
     tail,
     wait_file,
+    world_traversable_mount,
 )
 
 pytestmark = pytest.mark.e2e
@@ -57,91 +57,11 @@ pytestmark = pytest.mark.e2e
 HERE = Path(__file__).parent
 RECIPES = (HERE.parents[1] / "docs" / "recipes.md").read_text()
 
-#: The recipe's server block (docs/recipes.md), verbatim; tests replace the port and mount.
-NGINX_SERVER = """\
-server {
-    listen 80;
-    # every client gets its own tree: vfsroot's view of its address
-    root /run/vfsroot/$remote_addr;
-    autoindex off;
-    location / {
-        limit_except GET { deny all; }
-    }
-}
-"""
-
-#: The rest of a private nginx.conf: nothing of the system's configuration is read.
-NGINX_CONF = """\
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    default_type application/octet-stream;
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-{server}
-}}
-"""
-
 TEN, ELEVEN, STRANGER = "127.0.0.10", "127.0.0.11", "127.0.0.12"
-
-
-def nginx_conf(prefix: Path, listen: str, mount: Path) -> Path:
-    """Write a private nginx.conf serving `mount` per client on `listen`; returns its path."""
-    server = NGINX_SERVER.replace("listen 80;", f"listen {listen};") \
-        .replace("/run/vfsroot/", f"{mount}/")
-    assert server != NGINX_SERVER and f"root {mount}/$remote_addr;" in server
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, server=server))
-    return conf
-
-
-def nginx_argv(conf: Path) -> list[str]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    return [nginx, "-c", str(conf), "-p", str(conf.parent), "-g", "daemon off;"]
-
-
-def world_traversable_mount(prefix: str) -> Path:
-    """A mount point nginx's workers (user nobody) can reach, as /run/vfsroot is (pytest's tmp
-    directories are root-only)."""
-    parent = Path(tempfile.mkdtemp(prefix=prefix, dir="/run"))
-    parent.chmod(0o755)
-    return parent / "vfsroot"
-
-
-def curl(url: str, interface: str, *extra: str, argv_prefix: tuple[str, ...] = ()
-         ) -> tuple[int, bytes]:
-    """(HTTP status, body) of a GET from `interface`; the URL is sent exactly as written."""
-    cp = subprocess.run([*argv_prefix, "curl", "-sS", "--path-as-is", "--max-time", "20",
-                         "--interface", interface, "-o", "-", "-w", "\n%{http_code}", *extra,
-                         url], capture_output=True, timeout=60)
-    assert cp.returncode == 0, cp.stderr.decode(errors="replace")
-    body, _, status = cp.stdout.rpartition(b"\n")
-    return int(status), body
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def wait_http(url: str, interface: str, expect: bytes, log: Path, timeout: float = 30,
-              argv_prefix: tuple[str, ...] = ()) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = curl(url, interface, argv_prefix=argv_prefix)
-            if last == (200, expect):
-                return
-        except AssertionError as e:  # not listening yet
-            last = e
-        time.sleep(0.2)
-    raise HarnessError(f"nginx never served {url}: {last!r}\n{tail(log)}")
 
 
 # --- nginx over the mount, no firmware ----------------------------------------------------------
@@ -172,21 +92,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (source / TEN / "sub").mkdir()
     mount = world_traversable_mount("vfsroot-http-")
     prefix = work / "nginx"
-    prefix.mkdir()
-    log = work / "nginx.log"
     try:
-        with VfsrootMount(source, mount, work / "vfsroot.log"):
-            port = free_port()
-            conf = nginx_conf(prefix, f"127.0.0.1:{port}", mount)
-            with log.open("ab") as out:
-                proc = subprocess.Popen(nginx_argv(conf), stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT)
-            try:
-                base = f"http://127.0.0.1:{port}"
-                wait_http(f"{base}/shared.txt", TEN, files["default"]["shared.txt"], log)
-                yield Served(base, files, prefix / "access.log")
-            finally:
-                stop_process(proc)  # before the unmount: it may hold files open
+        with VfsrootMount(source, mount, work / "vfsroot.log"), \
+                nginx_serving(mount, prefix, work / "nginx.log", "/shared.txt", TEN,
+                              files["default"]["shared.txt"]) as port:
+            yield Served(f"http://127.0.0.1:{port}", files, prefix / "access.log")
     finally:
         shutil.rmtree(mount.parent, ignore_errors=True)
 
@@ -269,19 +179,13 @@ def http_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             # attach the disk (an appliance launch, 25-45 s under TCG) before the firmware asks
             wait_file(mount / CLIENT_IP / "boot.ipxe", script, daemon_log, timeout=240)
             prefix = work / "nginx"
-            prefix.mkdir()
             nginx_log = work / "nginx.log"
-            nginx = ns.popen(nginx_argv(nginx_conf(prefix, f"{SERVER_IP}:80", mount)),
-                             nginx_log)
-            try:
-                wait_http(f"{base}/boot.ipxe", SERVER_IP, (source / "default" / "boot.ipxe")
-                          .read_bytes(), nginx_log, argv_prefix=tuple(ns.argv([])))
+            with nginx_serving(mount, prefix, nginx_log, "/boot.ipxe", SERVER_IP,
+                               (source / "default" / "boot.ipxe").read_bytes(), ns=ns):
                 yield {"ns": ns, "work": work, "token": token, "initrd": initrd,
                        "kernel": kernel, "script": script, "mount": mount,
                        "access": prefix / "access.log", "metrics": metrics_url(daemon_log),
                        "logs": (daemon_log, nginx_log, prefix / "error.log")}
-            finally:
-                stop_process(nginx)  # before the unmount: it may hold files open
     finally:
         nbd.stop()
         shutil.rmtree(mount.parent, ignore_errors=True)

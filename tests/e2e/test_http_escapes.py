@@ -1,7 +1,7 @@
 """Escapes through the HTTP recipe (issue 11): the escape corpus sent to nginx over a real mount.
 
 nginx runs with the docs/recipes.md server block (`root /run/vfsroot/$remote_addr;`, from
-tests/e2e/test_http_boot.py) over a real `vfsroot serve` mount of the corpus' source root
+tests/e2e/harness.py) over a real `vfsroot serve` mount of the corpus' source root
 (tests/security/escape_corpus.py: two clients, each with a secret the other must not get, a
 host file outside the source root, symlinks in both client directories that lead out).
 
@@ -35,7 +35,6 @@ import hashlib
 import os
 import shutil
 import socket
-import subprocess
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,8 +43,7 @@ from pathlib import Path
 import pytest
 
 from ..security.escape_corpus import CLASSES, A, B, attempts, build_tree, leaks, secrets
-from .harness import VfsrootMount, free_port, stop_process, tail
-from .test_http_boot import nginx_argv, nginx_conf, wait_http, world_traversable_mount
+from .harness import VfsrootMount, nginx_serving, tail, world_traversable_mount
 
 pytestmark = pytest.mark.e2e
 
@@ -131,21 +129,12 @@ def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     source = work / "source"
     build_tree(source, work / "outside", secret_a=True)
     mount = world_traversable_mount("vfsroot-escapes-")
-    prefix = work / "nginx"
-    prefix.mkdir()
     log = work / "nginx.log"
     try:
-        with VfsrootMount(source, mount, work / "vfsroot.log", extra=("--no-disks",)):
-            port = free_port()
-            conf = nginx_conf(prefix, f"127.0.0.1:{port}", mount)
-            with log.open("ab") as out:
-                proc = subprocess.Popen(nginx_argv(conf), stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT)
-            try:
-                wait_http(f"http://127.0.0.1:{port}/whoami", A, A.encode() + b"\n", log)
-                yield Nginx(port, log)
-            finally:
-                stop_process(proc)
+        with VfsrootMount(source, mount, work / "vfsroot.log", extra=("--no-disks",)), \
+                nginx_serving(mount, work / "nginx", log, "/whoami", A,
+                              A.encode() + b"\n") as port:
+            yield Nginx(port, log)
     finally:
         shutil.rmtree(mount.parent, ignore_errors=True)
 
