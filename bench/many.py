@@ -13,13 +13,13 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.reliability.bench_setup import bench_work_dir  # noqa: E402
 from tests.reliability.many import build_source, measure  # noqa: E402
 from tests.security.mount import ServeDaemon  # noqa: E402
 
@@ -31,13 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-seconds", type=float, default=30.0,
                    help="how long the daemon's CPU is measured while the disks back off")
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/many.py: run as root (FUSE mount)", file=sys.stderr)
+    work = bench_work_dir("bench/many.py", "FUSE mount", "many", raise_nofile=False)
+    if work is None:
         return 2
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
     os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")  # no KVM probe launch
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="vfsroot-many-", dir="/var/tmp"))
     try:
         source, mnt = work / "src", work / "mnt"
         t = time.monotonic()

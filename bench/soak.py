@@ -10,11 +10,8 @@ seconds.  Run as root:
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import shutil
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio  # noqa: E402
 
 from tests.fs.conftest import Daemon as ServeDaemon  # noqa: E402
+from tests.reliability.bench_setup import bench_work_dir  # noqa: E402
 from tests.reliability.servers import vfsroot_tftpd  # noqa: E402
 from tests.reliability.soak import Soak, build_source, not_flat, report  # noqa: E402
 
@@ -36,13 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--initrd-mib", type=float, default=4.0)
     p.add_argument("--sample-every", type=float, default=60.0, metavar="SECONDS")
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/soak.py: run as root (FUSE mount, 127.x client addresses)", file=sys.stderr)
+    work = bench_work_dir("bench/soak.py", "FUSE mount, 127.x client addresses", "soak")
+    if work is None:
         return 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="vfsroot-soak-", dir="/var/tmp"))
     source, expected = build_source(work / "trees", args.storm_clients,
                                     int(args.initrd_mib * 1024 * 1024))
     mnt = work / "mnt"

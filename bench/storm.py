@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import shutil
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +29,7 @@ import trio  # noqa: E402
 
 from tests.fs.conftest import Daemon as ServeDaemon  # noqa: E402
 from tests.reliability import procs  # noqa: E402
+from tests.reliability.bench_setup import bench_work_dir  # noqa: E402
 from tests.reliability.servers import tftpd_hpa, vfsroot_tftpd  # noqa: E402
 from tests.reliability.storm import (  # noqa: E402
     BLKSIZE,
@@ -78,13 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                         "directory, no FUSE: how much of the time is the mount's")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/storm.py: run as root (FUSE mount, 127.x client addresses)", file=sys.stderr)
+    work = bench_work_dir("bench/storm.py", "FUSE mount, 127.x client addresses", "storm")
+    if work is None:
         return 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="vfsroot-storm-", dir="/var/tmp"))
     ips = client_ips(args.clients)
     size = int(args.initrd_mib * 1024 * 1024)
     trees = build_trees(work, ips, size)
