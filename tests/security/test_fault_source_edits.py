@@ -24,7 +24,6 @@ it and ends the transfer with an ERROR, instead of sending bytes cut at the new 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tftpd.helpers import running
+from tests.disk.images import payload
+from tests.tftpd.helpers import running, sha256
 from tftpd import packets
 from tftpd.client import TftpError, fetch
 from tftpd.session import TransferPolicy
@@ -51,23 +51,10 @@ BLKSIZE = 1468
 POLICY = TransferPolicy(retransmit_timeout=0.5, retries=10)
 
 
-def blob(seed: str, size: int = SIZE) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{i}".encode()).digest() * 128
-        i += 1
-    return bytes(out[:size])
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-OLD = blob("old")
-NEW = blob("new", SIZE - 12345)  # another size: the kernel must see the change
-DEFAULT = blob("default", SIZE + 777)
-CLIENT_C = blob("client-c", SIZE + 99)
+OLD = payload("old", SIZE)
+NEW = payload("new", SIZE - 12345)  # another size: the kernel must see the change
+DEFAULT = payload("default", SIZE + 777)
+CLIENT_C = payload("client-c", SIZE + 99)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -183,10 +170,10 @@ async def test_source_root_edited_during_transfers(tree: tuple[Path, Path], door
                 detail = got.message
                 if "changed" not in got.message and "cannot read" not in got.message:
                     wrong.append(f"{case}: unclear ERROR {got}")
-            elif sha(got) == sha(OLD):
+            elif sha256(got) == sha256(OLD):
                 outcome, detail = "old bytes", ""
             else:
-                outcome, detail = "WRONG BYTES", f"{len(got)} bytes, sha256 {sha(got)[:12]}"
+                outcome, detail = "WRONG BYTES", f"{len(got)} bytes, sha256 {sha256(got)[:12]}"
             seen[case] = f"{outcome} {detail}".strip()
             if outcome != EXPECTED[door][case]:
                 wrong.append(f"{case}: {outcome} {detail} (expected {EXPECTED[door][case]})")
@@ -199,7 +186,7 @@ async def test_source_root_edited_during_transfers(tree: tuple[Path, Path], door
             if after is None:
                 if not (isinstance(again, TftpError) and again.code == 1):
                     wrong.append(f"{case}: a new request got {again!r:.80}, not 'not found'")
-            elif again != sha(after):
+            elif again != sha256(after):
                 wrong.append(f"{case}: a new request got {again!r:.80}, not the new file")
     print(f"\n{door}:\n" + "\n".join(f"  {case}: {what}" for case, what in seen.items()))
     assert not wrong, "\n".join(wrong)
