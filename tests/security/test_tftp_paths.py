@@ -16,7 +16,7 @@ import pytest
 from tests.tftpd.helpers import RawClient, running
 from tftpd import packets
 
-from .tftp import NOBODY, A, B, fetch, fetch_raw, request_bytes
+from .tftp import NOBODY, A, B, fetch, fetch_raw, receive_rest, request_bytes
 
 FOUND = 0  # marker: the request must be served
 NOT_FOUND = packets.ERR_FILE_NOT_FOUND
@@ -240,16 +240,4 @@ async def test_another_address_cannot_steer_a_transfer(root: Path) -> None:
             b.send_raw(request_bytes(f"../{B}/secret-b".encode()), a.peer)
             b.send_raw(b"\0\x05\0\0stop\0", a.peer)  # a forged ERROR must not abort A
             assert [p for p in await b.quiet(0.4) if isinstance(p, packets.Data)] == []
-            data = first.payload
-            a.ack(1)
-            expected = 2
-            while len(data) < len(big):
-                got = await a.recv(3.0)
-                assert got is not None, f"A's transfer stalled at {len(data)} bytes"
-                pkt = got[0]
-                assert isinstance(pkt, packets.Data), pkt
-                if pkt.block == expected:
-                    data += pkt.payload
-                    a.ack(pkt.block)
-                    expected += 1
-            assert data == big
+            assert await receive_rest(a, first) == big

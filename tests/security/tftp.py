@@ -1,7 +1,8 @@
 """A small lock-step TFTP fetcher over tests/tftpd's RawClient, for attack tests.
 
 One receive loop (`_lock_step`) serves every way the tests fetch: a whole raw request
-(`fetch_raw`) and a fetch that injects a fault part-way (`stepped_fetch`).
+(`fetch_raw`), a fetch that injects a fault part-way (`stepped_fetch`), and the rest of a
+transfer whose first block the test took itself (`receive_rest`).
 """
 
 from __future__ import annotations
@@ -108,3 +109,15 @@ async def stepped_fetch(server: tuple[str, int], name: str, bind: str, blksize: 
     return await fetch_raw(server, req, bind=bind, timeout=timeout, on_bytes=on_bytes,
                            error_after_data=True)
 
+
+
+async def receive_rest(c: RawClient, first: packets.Data, timeout: float = 3.0
+                       ) -> bytes | packets.Error:
+    """ACK `first` (DATA 1, which the test read itself to meddle before going on) and receive
+    the rest of the transfer lock-step (blksize 512); returns all its bytes, or the ERROR."""
+    assert first.block == 1, first
+    c.ack(1)
+    if len(first.payload) < 512:
+        return first.payload
+    return await _lock_step(c, "the transfer under way", timeout, data=first.payload,
+                            expected=2)
