@@ -235,14 +235,6 @@ def crc32_file(path: Path) -> int:
     return crc
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- client disks -------------------------------------------------------------------------------
 
 def _stage(stage: Path, files: dict[str, Path | bytes]) -> int:

@@ -26,7 +26,6 @@ import hashlib
 import os
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from .harness import (
     tail,
     tftpd_hpa,
     wait_file,
+    world_traversable_mount,
 )
 
 pytestmark = pytest.mark.e2e
@@ -82,10 +82,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
     work = tmp_path_factory.mktemp("pairing")
     source = work / "source"
     # dnsmasq and tftpd-hpa drop to an unprivileged user: the mount point must be reachable
-    # by anybody, as /run/vfsroot is (pytest's tmp dirs are root-only).
-    mount_parent = Path(tempfile.mkdtemp(prefix="vfsroot-e2e-", dir="/run"))
-    mount_parent.chmod(0o755)
-    mount = mount_parent / "vfsroot"
+    mount = world_traversable_mount("vfsroot-e2e-")
     firmware = {"start4.elf": os.urandom(2 * MiB + 5), "config.txt": b"arm_64bit=1\n",
                 "cmdline.txt": b"console=serial0,115200 root=/dev/nbd0p2\n",
                 "kernel8.img": os.urandom(3 * MiB + 17)}
@@ -119,7 +116,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
         nbd.stop()
         with contextlib.suppress(OSError):
             mount.rmdir()
-            mount_parent.rmdir()
+            mount.parent.rmdir()
 
 
 def fetch(client: str, url: str, ns: Netns | None = None,
