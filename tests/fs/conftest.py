@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -78,6 +79,14 @@ class Daemon:
             time.sleep(0.02)
         self.stop()
         raise AssertionError(f"mount not up within {START_DEADLINE}s:\n" + self.log())
+
+    def __enter__(self) -> Self:
+        """`with Daemon(...) as d:` starts it and always stops it (no process, no mount left)."""
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -165,11 +174,8 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Dae
     facts = build_source(source)
     mountpoint = base / "mnt"
     mountpoint.mkdir()
-    daemon = Daemon(source, mountpoint, base / "daemon.log").start()
-    try:
+    with Daemon(source, mountpoint, base / "daemon.log") as daemon:
         yield daemon, facts
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture

@@ -37,8 +37,7 @@ def test_running_daemon_survives_a_nested_config(tmp_path: Path) -> None:
     (src / "default").mkdir(parents=True)
     (src / "default" / "kernel").write_bytes(b"kernel\n")
     mnt.mkdir()
-    daemon = ServeDaemon(src, mnt, tmp_path / "serve.log", disks=True).start()
-    try:
+    with ServeDaemon(src, mnt, tmp_path / "serve.log", disks=True) as daemon:
         assert (mnt / "10.0.0.1" / "kernel").read_bytes() == b"kernel\n"
         tmp = src / ".10.0.0.9.nbd.tmp"
         tmp.write_bytes(NESTED)
@@ -50,5 +49,3 @@ def test_running_daemon_survives_a_nested_config(tmp_path: Path) -> None:
             "vfsroot serve exited:\n" + daemon.log()[-1500:])
         assert (mnt / "10.0.0.1" / "kernel").read_bytes() == b"kernel\n"
         assert "10.0.0.9.nbd" in daemon.log()  # the operator is told which file
-    finally:
-        daemon.stop()

@@ -44,11 +44,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]
     src, mnt = base / "src", base / "mnt"
     mnt.mkdir()
     build_tree(src, base / "outside")
-    daemon = ServeDaemon(src, mnt, base / "serve.log").start()
-    try:
+    with ServeDaemon(src, mnt, base / "serve.log"):
         yield src, mnt
-    finally:
-        daemon.stop()
 
 
 def _describe(got: object) -> str:

@@ -71,11 +71,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]
     (src / A).mkdir()
     (src / B).mkdir()
     mnt.mkdir()
-    daemon = ServeDaemon(src, mnt, base / "serve.log").start()
-    try:
+    with ServeDaemon(src, mnt, base / "serve.log"):
         yield src, mnt
-    finally:
-        daemon.stop()
 
 
 def _edits(src: Path) -> dict[str, tuple[str, str, Callable[[], None], Callable[[], None],

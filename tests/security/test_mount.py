@@ -48,11 +48,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, 
     (src / "10.0.0.3").symlink_to(C2)  # client directory linked to another: inside SRC
     (src / "10.0.0.4").symlink_to("/etc")  # client directory leading out of SRC
     (src / A / "link-b").symlink_to(f"../{B}/whoami")  # via FUSE: a regular file
-    daemon = ServeDaemon(src, mnt, base / "serve.log").start()
-    try:
+    with ServeDaemon(src, mnt, base / "serve.log") as daemon:
         yield src, mnt, daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.mark.parametrize("alias", [
