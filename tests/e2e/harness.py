@@ -41,6 +41,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.disk.images import free_port
+
 MiB = 1024 * 1024
 CACHE = Path(os.environ.get("VFSROOT_E2E_CACHE", "/var/tmp/vfsroot-e2e"))
 
@@ -297,12 +299,6 @@ def build_disk(dest: Path, files: dict[str, Path | bytes], size: int | None = No
 
 def _same_fs(a: Path, b: Path) -> bool:
     return os.stat(a).st_dev == os.stat(b).st_dev
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NbdServer:
