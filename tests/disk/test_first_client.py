@@ -13,14 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from ..serving import stop_serve
+from ..serving import serving
 from .conftest import needs_guestfs, write_config
 from .images import Image, NbdServer
 from .test_mount import status, wait_until
@@ -40,20 +38,9 @@ def served(tmp_path: pathlib.Path, nbd_server: NbdServer) -> Iterator[pathlib.Pa
     mnt.mkdir()
     for client in CLIENTS:
         write_config(src, client, nbd_server.url)
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vfsroot.cli", "serve", "--source", str(src), "--mount",
-         str(mnt), "--force-tcg", "--attach-wait", "300", "--attach-timeout", "300",
-         "--idle-timeout", "3600"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=pathlib.Path(__file__).parents[2],
-    )
-    try:
-        wait_until(lambda: os.path.ismount(mnt) or proc.poll() is not None, 30, "the mount")
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+    with serving(src, mnt, tmp_path / "serve.log", "--attach-wait", "300",
+                 "--attach-timeout", "300", "--idle-timeout", "3600"):
         yield mnt
-    finally:
-        stop_serve(proc, mnt)
-        log.close()
 
 
 def test_first_asker_is_mounted_first(served: pathlib.Path, disk_image: Image) -> None:

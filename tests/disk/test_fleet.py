@@ -19,7 +19,7 @@ import trio
 
 from vfsroot.disks import DiskManager, DiskOptions
 
-from ..serving import stop_serve
+from ..serving import serving
 from .conftest import config_text, needs_guestfs, write_config
 from .images import Image, NbdServer, free_port
 from .test_manager import LAUNCH, qemu_alive, read_file, state, wait_for
@@ -211,16 +211,7 @@ def test_vfsroot_status_with_1000_configs(tmp_path: pathlib.Path) -> None:
     for c in clients:
         (src / f"{c}.nbd").write_text(config_text(f"nbd://127.0.0.1:{port}/export-{c}"))
     root = pathlib.Path(__file__).parents[2]
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vfsroot.cli", "serve", "--source", str(src),
-                             "--mount", str(mnt), "--force-tcg", "--retry-min", "600"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mnt):
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.1)
+    with serving(src, mnt, tmp_path / "serve.log", "--retry-min", "600"):
         with pytest.raises(OSError) as e:  # what the old single xattr does at this size
             os.getxattr(mnt, "user.vfsroot.status")
         assert e.value.errno in (errno.E2BIG, errno.ERANGE)  # "Argument list too long"
@@ -246,6 +237,3 @@ def test_vfsroot_status_with_1000_configs(tmp_path: pathlib.Path) -> None:
             reads = min(reads, time.monotonic() - t0)
         assert reads < 1.0, reads
         assert summary["disks"] == 1000
-    finally:
-        stop_serve(proc, mnt)
-        log.close()

@@ -19,19 +19,17 @@ import contextlib
 import hashlib
 import os
 import pathlib
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from ..serving import stop_serve
+from ..serving import serving
 from .conftest import needs_guestfs, write_config
 from .gate import AttachGate
 from .images import NbdServer
-from .test_mount import status, wait_until
+from .test_mount import status
 
 pytestmark = [pytest.mark.disk, pytest.mark.mount, needs_guestfs,
               pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -53,20 +51,15 @@ def gated(tmp_path: pathlib.Path, nbd_server: NbdServer) -> Iterator[tuple[pathl
     (src / "default" / "kernel.bin").write_bytes(payload)
     for client in CLIENTS:
         write_config(src, client, gate.url)
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vfsroot.cli", "serve", "--source", str(src), "--mount",
-         str(mnt), "--force-tcg", "--attach-wait", str(ATTACH_WAIT), "--attach-timeout", "240"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=pathlib.Path(__file__).parents[2],
-    )
     try:
-        wait_until(lambda: os.path.ismount(mnt) or proc.poll() is not None, 30, "the mount")
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        yield mnt, payload
+        with serving(src, mnt, tmp_path / "serve.log", "--attach-wait", str(ATTACH_WAIT),
+                     "--attach-timeout", "240"):
+            try:
+                yield mnt, payload
+            finally:
+                gate.close()  # before the stop: the held handshakes fail, the launch ends
     finally:
-        gate.close()  # the held handshakes fail: the launch ends at once
-        stop_serve(proc, mnt)
-        log.close()
+        gate.close()  # also when the daemon never came up (a second close does nothing)
 
 
 def test_held_lookups_beyond_99_do_not_stall_others(gated: tuple[pathlib.Path, bytes]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ..serving import stop_serve
+from ..serving import serving
 from .conftest import needs_guestfs, write_config
 from .gate import AttachGate
 from .images import Image, NbdServer, free_port
@@ -76,20 +76,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, attach_gate: AttachGate
     (src / DOWN).mkdir()
     (src / DOWN / "own.txt").write_bytes(b"served while its disk is down\n")
     write_config(src, DOWN, f"nbd://127.0.0.1:{free_port()}/export")
-    log = (base / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [*VFSROOT, "serve", "--source", str(src), "--mount", str(mnt), "--force-tcg",
-         "--attach-wait", "1", "--refresh-quiet", str(REFRESH_QUIET), "--idle-timeout", "3600",
-         "--attach-timeout", "240"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=pathlib.Path(__file__).parents[2],
-    )
-    try:
-        wait_until(lambda: os.path.ismount(mnt) or proc.poll() is not None, 30, "the mount")
-        assert proc.poll() is None, (base / "serve.log").read_text()
+    with serving(src, mnt, base / "serve.log", "--attach-wait", "1", "--refresh-quiet",
+                 str(REFRESH_QUIET), "--idle-timeout", "3600", "--attach-timeout", "240"
+                 ) as proc:
         yield src, mnt, proc
-    finally:
-        stop_serve(proc, mnt)
-        log.close()
 
 
 def test_while_attaching_nothing_else_waits(served: tuple, attach_gate: AttachGate) -> None:

@@ -47,7 +47,7 @@ import trio
 
 from tests.disk.conftest import config_text, needs_guestfs
 from tests.disk.images import Image, MiB, NbdServer, build_image, free_port
-from tests.serving import stop_serve
+from tests.serving import serving
 from tests.tftpd.helpers import running
 from tftpd import packets
 from tftpd.client import TftpError, fetch
@@ -178,22 +178,13 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     (src / f"{V}.nbd").write_text(config_text(f"nbd://127.0.0.1:{v.port}/vdisk"))
     log = base / "serve.log"
     env = {**os.environ, "LIBGUESTFS_TMPDIR": str(tmpdir)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*VFSROOT, "serve", "--source", str(src), "--mount", str(mnt), "--force-tcg",
-             "--attach-wait", "1", "--refresh-quiet", "1", "--idle-timeout", "3600",
-             "--attach-timeout", "240", "--call-timeout", str(CALL_TIMEOUT),
-             "--retry-min", "2", "--retry-max", "8"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[2])
-    rig = Rig(src, mnt, log, image, tmpdir, k, v, v_file, f, proc)
     try:
-        t0 = time.monotonic()
-        while not os.path.ismount(mnt):
-            assert proc.poll() is None and time.monotonic() - t0 < 30, log.read_text()
-            time.sleep(0.1)
-        yield rig
+        with serving(src, mnt, log, "--attach-wait", "1", "--refresh-quiet", "1",
+                     "--idle-timeout", "3600", "--attach-timeout", "240",
+                     "--call-timeout", str(CALL_TIMEOUT), "--retry-min", "2", "--retry-max", "8",
+                     env=env) as proc:
+            yield Rig(src, mnt, log, image, tmpdir, k, v, v_file, f, proc)
     finally:
-        stop_serve(proc, mnt)
         for server in (k, f, v):
             server.stop()
         subprocess.run(["umount", "-l", str(tmpdir)], check=False)
