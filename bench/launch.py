@@ -14,7 +14,9 @@ alike), each in a fresh process with one empty 16 MiB drive, and times `g.launch
 * `pvh+initrd`: `pvh` with the lean initrd (`vfsroot.guest_initrd`);
 * `pvh+init`: `pvh` with the lean /init (`vfsroot.guest_init`);
 * `lean`: all three: what the daemon launches;
-* `pvh+smp2`, `pvh+mem256` (not run unless named): two vCPUs; 256 MiB instead of 512.
+* `pvh+smp2`, `pvh+mem256` (not run unless named): two vCPUs; 256 MiB instead of 512;
+* `lean+pcinoacpi` (not run unless named): `lean` with `pci=noacpi` on the kernel command
+  line (PCI interrupts routed without ACPI's AML).
 
 With `--timeline` every launch runs verbose (libguestfs' `guestfs_boot_analysis=1` keeps its
 /init from listing /dev and the like) and prints when each phase began, counted from the
@@ -45,10 +47,12 @@ f = tempfile.NamedTemporaryFile(); f.truncate(16 << 20); f.flush()
 g = guestfs.GuestFS(python_return_dict=True)
 g.set_memsize(256 if "mem256" in variant else 512)
 g.set_smp(2 if "smp2" in variant else 1)
-g.set_append("norandmaps" + (" guestfs_boot_analysis=1" if timeline else ""))
+extra = {"pcinoacpi": " pci=noacpi"}
+g.set_append("norandmaps" + "".join(v for k, v in extra.items() if k in variant)
+             + (" guestfs_boot_analysis=1" if timeline else ""))
 what = "supermin appliance"
 if variant != "bzimage":
-    lean = variant == "lean"
+    lean = variant.startswith("lean")
     path = fast_appliance(g.get_cachedir(), g.get_path(),
                           lean_initrd=lean or "initrd" in variant,
                           lean_init=lean or "init" in variant.replace("initrd", ""))

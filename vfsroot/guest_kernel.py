@@ -195,8 +195,8 @@ def fast_appliance(cachedir: str, libguestfs_path: str, *, lean_initrd: bool = T
             with open(os.path.join(tmp, PARTS), "w") as f:
                 f.write(", ".join(what) + "\n")
             with open(os.path.join(tmp, "README.fixed"), "w") as f:
-                f.write("vfsroot: the supermin appliance with its kernel decompressed "
-                        "(vfsroot/guest_kernel.py)\n")
+                f.write("vfsroot's fast appliance (vfsroot/guest_kernel.py): supermin's, "
+                        f"with {', '.join(what)}\n")
             try:
                 os.rename(tmp, target)
             except OSError:

@@ -11,7 +11,7 @@ call and kills this process (and its descendants) on timeout.
 Protocol on stdin/stdout: frames (`vfsroot.framing`).  Requests are `(op, args)`; replies
 `("ok", value)` or `("err", errno, message)`.
 
-One appliance hosts many disks (a launch costs 25-45 s and ~450 MiB under TCG; each further
+One appliance hosts many disks (a launch costs 10-45 s and ~450 MiB under TCG; each further
 drive costs ~30 MiB and no launch).  `launch` adds every drive, each under a label, before the
 one `launch()` (drives cannot be added later).  With `readonly=True`, `add_drive_opts` builds
 the overlay with qemu-img, which connects to the server: an unreachable disk fails its own add,
