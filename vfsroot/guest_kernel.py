@@ -1,26 +1,33 @@
-"""An appliance that skips its kernel's self-decompression: the same supermin appliance,
-booted through qemu's PVH entry from the kernel already decompressed once on the host.
+"""The fast appliance: the same supermin appliance, booted through qemu's PVH entry from the
+kernel already decompressed once on the host, with a lean initrd and a lean /init.
 
 Why: Debian's kernel is an XZ-compressed bzImage.  Under TCG the appliance spends ~5 s of
 its 20-25 s launch decompressing it (measured: "Linux version" printed 6.5 s after qemu
 started, 1.3 s with the kernel below; docs/disks.md has the figures), and it does so at every
 launch.  Decompressed once on the host (~1 s) and handed to qemu as an ELF with a PVH entry
 note (XEN_ELFNOTE_PHYS32_ENTRY; Debian builds with CONFIG_PVH), qemu loads it straight into
-guest memory and jumps to its 32-bit entry.
+guest memory and jumps to its 32-bit entry.  The initrd then inserts only the modules that
+reach the root (`vfsroot.guest_initrd`), and /init skips the storage scans vfsroot never uses
+and coldplugs only the devices guestfsd needs (`vfsroot.guest_init`).
 
 How: libguestfs boots a "fixed appliance" (files `kernel`, `initrd`, `root` and a marker
 `README.fixed` in a directory on its path) instead of the supermin one when told to.  This
 module builds such a directory next to libguestfs' own cached appliance
-(`<cachedir>/.guestfs-<uid>/appliance.d`): `initrd` and `root` hard-linked (a consistent
-snapshot even if supermin rebuilds its appliance meanwhile, at no cost in space), `kernel`
-decompressed.  The directory is named after the three source files (the kernel's sha256, the
-others' inodes), so a rebuilt supermin appliance gets a new one, and old ones are removed.
+(`<cachedir>/.guestfs-<uid>/appliance.d`): `kernel` decompressed, `initrd` rewritten, `root` a
+sparse copy with the edited /init (~0.7 GiB; hard links to supermin's files where a part is
+not made lean: a consistent snapshot even if supermin rebuilds its appliance meanwhile).  The
+directory is named after what it leaves out (with a digest of the edits) and the three source
+files (the kernel's sha256, the others' inodes), so a rebuilt supermin appliance or another
+vfsroot's edits get a new one, and builds of other supermin appliances are removed.  The
+file `vfsroot-parts` says what the directory holds (`parts`, logged at each launch).
 
-When the fast path cannot be used, `fast_appliance` returns None and the caller launches as
-usual: no supermin appliance built yet (the first launch on a machine builds it), the supermin
-appliance is older than its inputs (supermin would rebuild it: its inputs are the packages
-libguestfs lists in `supermin.d` and the dpkg database), a kernel that is not an XZ bzImage
-or has no PVH note, a cache directory on another filesystem, or any I/O error.
+Each lean part falls back on its own to supermin's: an initrd or /init this code does not
+recognise is used as it is.  When the fast path cannot be used at all, `fast_appliance`
+returns None and the caller launches as usual: no supermin appliance built yet (the first
+launch on a machine builds it), the supermin appliance is older than its inputs (supermin
+would rebuild it: its inputs are the packages libguestfs lists in `supermin.d` and the dpkg
+database), a kernel that is not an XZ bzImage or has no PVH note, a cache directory on another
+filesystem, or any I/O error.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import shutil
 import struct
 import tempfile
 
+from vfsroot import guest_init, guest_initrd
+
 log = logging.getLogger(__name__)
 
 #: XZ stream magic, where a bzImage's compressed payload starts.
@@ -43,7 +52,9 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 #: Files whose being newer than the supermin appliance makes supermin rebuild it (`--if-newer`
 #: compares the output with its inputs: the appliance description and the package database).
 PACKAGE_DB = "/var/lib/dpkg/status"
-PREFIX = "vfsroot-pvh-"
+PREFIX = "vfsroot-"
+#: The file in a fast appliance's directory that says what it holds (`parts`).
+PARTS = "vfsroot-parts"
 
 
 def has_pvh_note(elf: bytes) -> bool:
@@ -105,10 +116,62 @@ def _stale(appliance_d: str, supermin_d: str) -> bool:
     return newest > built
 
 
-def fast_appliance(cachedir: str, libguestfs_path: str) -> str | None:
+def _variant(lean_initrd: bool, lean_init: bool) -> str:
+    """The part of a fast appliance's directory name that says what it leaves out, with a
+    digest of how (so a vfsroot that edits differently builds its own)."""
+    how = hashlib.sha256()
+    if lean_initrd:
+        how.update(repr((guest_initrd.WANTED, guest_initrd.HELPERS.pattern)).encode())
+    if lean_init:
+        how.update(repr((guest_init.SKIPPED, guest_init.REPLACED)).encode())
+    tag = "" if not (lean_initrd or lean_init) else "-" + how.hexdigest()[:8]
+    return "pvh" + ("-initrd" if lean_initrd else "") + ("-init" if lean_init else "") + tag
+
+
+def parts(fixed: str) -> str:
+    """What the fast appliance at `fixed` is, for the log: e.g. "decompressed kernel (PVH
+    entry), lean initrd, lean /init"."""
+    try:
+        with open(os.path.join(fixed, PARTS)) as f:
+            return f.read().strip()
+    except OSError:
+        return "decompressed kernel (PVH entry)"
+
+
+def _build(tmp: str, appliance_d: str, vmlinux: bytes, lean_initrd: bool,
+           lean_init: bool) -> list[str]:
+    """Fill `tmp` with the fast appliance; what it holds besides the kernel, for `parts`."""
+    what = ["decompressed kernel (PVH entry)"]
+    with open(os.path.join(tmp, "kernel"), "wb") as f:
+        f.write(vmlinux)
+    initrd = None
+    if lean_initrd:
+        with open(os.path.join(appliance_d, "initrd"), "rb") as f:
+            initrd = guest_initrd.lean_initrd(f.read())
+    if initrd is not None:
+        with open(os.path.join(tmp, "initrd"), "wb") as f:
+            f.write(initrd)
+        what.append("lean initrd")
+    else:
+        os.link(os.path.join(appliance_d, "initrd"), os.path.join(tmp, "initrd"))
+    root = os.path.join(appliance_d, "root")
+    init = guest_init.read_init(root) if lean_init else None
+    script = guest_init.lean_init(init.decode("utf-8", "surrogateescape")) if init else None
+    if script is not None and guest_init.write_root(
+            root, os.path.join(tmp, "root"), script.encode("utf-8", "surrogateescape")):
+        what.append("lean /init")
+    else:
+        os.link(root, os.path.join(tmp, "root"))
+    return what
+
+
+def fast_appliance(cachedir: str, libguestfs_path: str, *, lean_initrd: bool = True,
+                   lean_init: bool = True) -> str | None:
     """A fixed-appliance directory for `g.set_path()`, built on first use; None when the
     usual launch must be used (see the module docstring).  `cachedir` is
-    `g.get_cachedir()`, `libguestfs_path` is `g.get_path()` (where `supermin.d` lives)."""
+    `g.get_cachedir()`, `libguestfs_path` is `g.get_path()` (where `supermin.d` lives).
+    `lean_initrd` and `lean_init` ask for the lean parts (`vfsroot.guest_initrd`,
+    `vfsroot.guest_init`); a part that cannot be made lean is supermin's own."""
     base = os.path.join(cachedir, f".guestfs-{os.geteuid()}")
     appliance_d = os.path.join(base, "appliance.d")
     sources = [os.path.join(appliance_d, f) for f in ("kernel", "initrd", "root")]
@@ -117,7 +180,8 @@ def fast_appliance(cachedir: str, libguestfs_path: str) -> str | None:
             return None
         with open(sources[0], "rb") as f:
             bzimage = f.read()
-        name = PREFIX + _identity(bzimage, sources[1:])
+        identity = _identity(bzimage, sources[1:])
+        name = f"{PREFIX}{_variant(lean_initrd, lean_init)}-{identity}"
         target = os.path.join(base, name)
         if os.path.exists(os.path.join(target, "README.fixed")):
             return target
@@ -127,13 +191,12 @@ def fast_appliance(cachedir: str, libguestfs_path: str) -> str | None:
             return None
         tmp = tempfile.mkdtemp(prefix=".tmp-" + PREFIX, dir=base)
         try:
-            with open(os.path.join(tmp, "kernel"), "wb") as f:
-                f.write(vmlinux)
-            for f_name in ("initrd", "root"):
-                os.link(os.path.join(appliance_d, f_name), os.path.join(tmp, f_name))
+            what = _build(tmp, appliance_d, vmlinux, lean_initrd, lean_init)
+            with open(os.path.join(tmp, PARTS), "w") as f:
+                f.write(", ".join(what) + "\n")
             with open(os.path.join(tmp, "README.fixed"), "w") as f:
-                f.write("vfsroot: the supermin appliance with its kernel decompressed "
-                        "(vfsroot/guest_kernel.py)\n")
+                f.write("vfsroot's fast appliance (vfsroot/guest_kernel.py): supermin's, "
+                        f"with {', '.join(what)}\n")
             try:
                 os.rename(tmp, target)
             except OSError:
@@ -141,9 +204,10 @@ def fast_appliance(cachedir: str, libguestfs_path: str) -> str | None:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        for old in os.listdir(base):  # earlier builds (qemus using them keep their files)
-            if old.startswith(PREFIX) and old != name:
+        for old in os.listdir(base):  # other builds (qemus using them keep their files)
+            if old.startswith(PREFIX) and not old.endswith("-" + identity):
                 shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+        log.info("fast appliance built: %s (%s)", target, ", ".join(what))
         return target
     except OSError as e:
         log.info("appliance kernel: fast path unavailable (%s); usual launch", e)

@@ -11,7 +11,7 @@ call and kills this process (and its descendants) on timeout.
 Protocol on stdin/stdout: frames (`vfsroot.framing`).  Requests are `(op, args)`; replies
 `("ok", value)` or `("err", errno, message)`.
 
-One appliance hosts many disks (a launch costs 25-45 s and ~450 MiB under TCG; each further
+One appliance hosts many disks (a launch costs 10-45 s and ~450 MiB under TCG; each further
 drive costs ~30 MiB and no launch).  `launch` adds every drive, each under a label, before the
 one `launch()` (drives cannot be added later).  With `readonly=True`, `add_drive_opts` builds
 the overlay with qemu-img, which connects to the server: an unreachable disk fails its own add,
@@ -43,6 +43,7 @@ from typing import Any
 from vfsroot.fileio import read_exact
 from vfsroot.framing import FrameDecoder, encode
 from vfsroot.guest_kernel import fast_appliance
+from vfsroot.guest_kernel import parts as appliance_parts
 
 #: libguestfs refuses single preads above its message limit (4 MiB); 2 MiB is safe and large.
 PREAD_CHUNK = 2 * 1024 * 1024
@@ -114,6 +115,15 @@ class Worker:
         self.disks: dict[str, GuestDisk] = {}
         self._scratch: Any = None
         self._partitions: dict[str, dict[int, str]] | None = None
+        self._lvm_active = False
+
+    def activate_lvm(self) -> None:
+        """Activate every volume group, once per appliance, when a config first names an LV:
+        the lean appliance's /init no longer does it at every launch (`vfsroot.guest_init`),
+        and for the usual appliance, which did, it changes nothing."""
+        if not self._lvm_active:
+            self.g.vg_activate_all(True)
+            self._lvm_active = True
 
     def partitions(self) -> dict[str, dict[int, str]]:
         """{device: {number: partition}} of every drive, listed once per appliance: under TCG
@@ -149,11 +159,14 @@ class Worker:
         g.set_append("norandmaps")
         kernel = "bzImage"
         if spec.get("fast_kernel", True):
-            # The same appliance without its kernel's ~5 s self-decompression under TCG.
-            fixed = fast_appliance(g.get_cachedir(), g.get_path())
+            # The same appliance without its kernel's ~5 s self-decompression under TCG, and
+            # without the initrd modules and /init scans vfsroot does not need.
+            fixed = fast_appliance(g.get_cachedir(), g.get_path(),
+                                   lean_initrd=spec.get("lean_initrd", True),
+                                   lean_init=spec.get("lean_init", True))
             if fixed is not None:
                 g.set_path(fixed)
-                kernel = "decompressed (PVH entry)"
+                kernel = appliance_parts(fixed)
         # force_tcg arrives through LIBGUESTFS_BACKEND_SETTINGS (the parent sets it):
         # set_backend_setting("force_tcg", "") segfaults at launch with Debian 12's 1.48.
         failed: dict[str, tuple[int, str]] = {}
@@ -178,7 +191,7 @@ class Worker:
                 failed[drive["id"]] = (err.errno, _one_line(str(err)))
                 continue
             self.disks[drive["id"]] = GuestDisk(g, drive, label, f"/{len(added)}",
-                                                self.partitions)
+                                                self.partitions, self.activate_lvm)
             added.append(drive["id"])
         if not added and not spec.get("scratch"):
             return {"launched": False, "added": [], "failed": failed}
@@ -272,9 +285,11 @@ class GuestDisk:
     """One client disk inside the appliance: its drive, mounts and lookup caches."""
 
     def __init__(self, g: Any, drive: dict[str, Any], label: str, prefix: str,
-                 partitions: Callable[[], dict[str, dict[int, str]]]) -> None:
+                 partitions: Callable[[], dict[str, dict[int, str]]],
+                 activate_lvm: Callable[[], None] = lambda: None) -> None:
         self.g = g
         self.partitions = partitions
+        self.activate_lvm = activate_lvm
         self.drive = drive
         self.label = label
         self.prefix = prefix
@@ -292,6 +307,7 @@ class GuestDisk:
         g = self.g
         if m.get("lv"):
             dev = "/dev/" + m["lv"]
+            self.activate_lvm()
             lvs = g.lvs()
             if dev not in lvs:
                 raise GuestError(errno.ENOENT, f"logical volume {m['lv']} not found on the disk "

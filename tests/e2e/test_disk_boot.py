@@ -10,12 +10,12 @@ the initrd payload).
 What holding can promise: iPXE retransmits an unanswered request for ~16 s (retry timer
 0.25 s doubling until it would exceed 10 s; measured: first request ~6 s after the firmware
 starts, "Connection timed out" ~16 s later), so the boot passes when the appliance is ready
-within ~22 s of the firmware's start.  A TCG launch takes 15-45 s here (KVM: ~2 s): 17 s median
-on a quiet host since the appliance boots its kernel decompressed (docs/disks.md, "Launch
-time under TCG"), but this test's own firmware qemu and any other load share the host's two
-cores with it.  When this run's disk was ready beyond the window, the test says so and skips
-instead of blaming the product (that the client was held, never refused, is checked either
-way).
+within ~22 s of the firmware's start.  A TCG launch of the fast appliance takes ~10 s on a
+quiet host (docs/disks.md, "Launch time under TCG"; KVM: ~2 s), and this test's own firmware
+qemu shares the host's two cores with it.  A boot that misses the window fails, with the
+measured figures, unless other jobs loaded the host too (1-minute load average above
+`BUSY_LOAD` at the end of the boot): then a launch's length says nothing about vfsroot, and the
+test skips with the figures instead.  Every run prints when the disk was ready.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ from .harness import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disk]
+
+#: DHCP with the router advertisement takes iPXE ~6 s, then it retransmits for ~16 s.
+IPXE_WINDOW_S = 6 + 16
+#: This test runs two TCG qemus (the appliance and the firmware): alone on the host its
+#: 1-minute load average ends at 2.1-2.4 (measured).  Above this, other jobs take CPU the
+#: launch needs (it is CPU-bound: at load ~12 it took 27-39 s instead of ~13).
+BUSY_LOAD = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +95,22 @@ def test_first_boot_while_the_disk_attaches(disk_source: tuple[Path, Path],
                        f"started; console ends:\n{result.console[-3000:]}\n{logs}")
             # Held, not refused: no TFTP error went out for the files the disk holds.
             assert "Input/output error" not in tftpd_log.read_text(errors="replace"), logs
+            load = os.getloadavg()[0]
+            disk = json.loads(os.getxattr(mount, "user.vfsroot.status"))[CLIENT_IP]
+            assert disk["state"] == "ready", f"{disk}\n{context}"
+            ready_after = disk["since"] - boot_wall
+            figures = (f"disk ready {ready_after:.1f} s after the firmware started (iPXE's "
+                       f"window ~{IPXE_WINDOW_S} s), attach {disk['attach_seconds']} s, "
+                       f"host load {load:.1f}")
+            print(figures)  # on every run (shown with -rA or -s)
             booted = (result.value("TOKEN") == boot_files.tokens[MAC_IPXE]
                       and result.value("SHA256") == boot_files.small.payload_sha256)
-            if not booted:
-                disk = json.loads(os.getxattr(mount, "user.vfsroot.status"))[CLIENT_IP]
-                assert disk["state"] == "ready", f"{disk}\n{context}"
-                ready_after = disk["since"] - boot_wall
-                # DHCP with the router advertisement takes iPXE ~6 s, then ~16 s of retries
-                if ready_after > 6 + 16:
-                    pytest.skip(f"the disk was ready {ready_after:.0f} s after the firmware "
-                                "started, beyond iPXE's retransmit window (~22 s): a TCG "
-                                "launch is too slow for a cold first boot here")
-            assert result.value("TOKEN") == boot_files.tokens[MAC_IPXE], context
-            assert result.value("SHA256") == boot_files.small.payload_sha256, context
+            if not booted and ready_after > IPXE_WINDOW_S and load > BUSY_LOAD:
+                pytest.skip(f"{figures}: other jobs loaded the host beyond this test's own "
+                            "two qemus, and the TCG launch outlasted the window")
+            assert result.value("TOKEN") == boot_files.tokens[MAC_IPXE], f"{figures}\n{context}"
+            assert result.value("SHA256") == boot_files.small.payload_sha256, \
+                f"{figures}\n{context}"
         finally:
             stop_process(tftpd)
             subprocess.run(["sync"], check=False)
