@@ -176,8 +176,12 @@ class Session:
         current_client.set(res.client)
         started = time.monotonic()
         try:
-            with trio.fail_after(self._policy.max_transfer_seconds):
+            # trio.fail_after without its generator-based context manager (per request).
+            with trio.CancelScope(
+                    deadline=trio.current_time() + self._policy.max_transfer_seconds) as scope:
                 await self._prepare_and_send()
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
         except PeerGone as exc:
             res.outcome = "ok-unconfirmed" if self._final_sent else "client-gone"
             res.detail = str(exc)
@@ -232,9 +236,7 @@ class Session:
             data = None
             try:
                 if opened.size <= small:
-                    data = FileHandle.read_all(opened.fd, small + 1)
-                    if len(data) > small:  # grew since fstat: read it the normal way
-                        data = None
+                    data = FileHandle.read_whole(opened.fd, opened.size)
             except BaseException:
                 os.close(opened.fd)
                 raise
@@ -274,7 +276,8 @@ class Session:
             return
         # blksize does not depend on the file: the read size is known before the open.
         blksize = negotiate(req.options, self._policy, tsize=0,
-                            blksize_cap=self._mtu_cap()).blksize
+                            blksize_cap=self._mtu_cap()).blksize if req.options else (
+                                packets.BLKSIZE_DEFAULT)
         try:
             opened, whole = await self._open(
                 relpath, chunk_size(self._policy.read_ahead, blksize))
