@@ -125,7 +125,7 @@ class BlockSource:
 
     def __init__(
         self,
-        handle: FileHandle,
+        handle: FileHandle | None,
         blksize: int,
         read_ahead: int,
         limiter: trio.CapacityLimiter,
@@ -133,6 +133,8 @@ class BlockSource:
         netascii: bool = False,
         whole_file: bytes | None = None,
     ) -> None:
+        if handle is None and whole_file is None:
+            raise ValueError("a BlockSource needs a file handle unless it has the whole file")
         self._handle = handle
         self._blksize = blksize
         self._chunk = chunk_size(read_ahead, blksize)
@@ -158,6 +160,10 @@ class BlockSource:
             self._buf = netascii_encode(whole_file) if netascii else whole_file
             self._raw_off = len(whole_file)
             self._eof = True
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        assert self._handle is not None  # only a source without the whole file reads
+        return self._handle.pread_exact(size, offset)
 
     def release_before(self, seq: int) -> None:
         """Blocks before ``seq`` are acknowledged and will not be asked again."""
@@ -225,7 +231,7 @@ class BlockSource:
         with scope:
             try:
                 data = await offload.run_sync(
-                    functools.partial(self._handle.pread_exact, self._chunk, offset),
+                    functools.partial(self._pread, self._chunk, offset),
                     self._limiter)
                 if not self._closed:  # a read that finished as the transfer ended: drop it
                     self._next = data
@@ -264,7 +270,7 @@ class BlockSource:
             return
         want = max(self._chunk, end - (self._buf_off + len(self._buf)))
         data = await offload.run_sync(
-            functools.partial(self._handle.pread_exact, want, self._raw_off), self._limiter)
+            functools.partial(self._pread, want, self._raw_off), self._limiter)
         self._append(data, want)
 
     def _take_prefetched(self) -> None:

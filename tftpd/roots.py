@@ -151,5 +151,7 @@ class ClientRoots:
             real = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             raise OpenRefused(0, "cannot tell where the opened file lives") from None
-        if os.path.commonpath([real_base, real]) != real_base or real == real_base:
+        # Both are canonical (the kernel's), so "below" is a prefix ending at a separator.
+        inside = real.startswith(real_base if real_base.endswith("/") else real_base + "/")
+        if not inside or real == real_base:
             raise OpenRefused(2, "access violation: file is outside the client's directory")

@@ -240,6 +240,11 @@ class Session:
             except BaseException:
                 os.close(opened.fd)
                 raise
+            if data is not None:
+                # Read whole: the descriptor has done its job; closed here, in the thread,
+                # not on the event loop (and a caller that gave up has nothing to leak).
+                os.close(opened.fd)
+                return opened, data
             with lock:
                 if state["abandoned"]:
                     os.close(opened.fd)
@@ -285,13 +290,19 @@ class Session:
             outcome = "not-found" if exc.code == ERR_FILE_NOT_FOUND else "refused-file"
             await self._refuse(exc.code, str(exc), outcome)
             return
-        # Owned by the session from here: run() closes it however the transfer ends.
-        self._handle = handle = FileHandle(opened.fd, expect=(opened.size, opened.mtime_ns))
+        handle = None
+        if whole is None:
+            # Owned by the session from here: run() closes it however the transfer ends.
+            self._handle = handle = FileHandle(opened.fd, expect=(opened.size, opened.mtime_ns))
         is_netascii = req.mode == "netascii"
         size = opened.size
         if is_netascii and "tsize" in req.options:
-            size = await offload.run_sync(
-                functools.partial(netascii.encoded_size, handle.pread_exact), self._ctx.limiter)
+            if handle is None:
+                size = netascii.encoded_len(whole or b"")
+            else:
+                size = await offload.run_sync(
+                    functools.partial(netascii.encoded_size, handle.pread_exact),
+                    self._ctx.limiter)
         neg = negotiate(req.options, self._policy, tsize=size, blksize_cap=self._mtu_cap())
         self.result.options = dict(neg.oack)
         source = BlockSource(
