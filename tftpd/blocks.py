@@ -112,8 +112,13 @@ class FileHandle:
 
 
 def chunk_size(read_ahead: int, blksize: int) -> int:
-    """Bytes per worker-thread read: the operator's read-ahead, but at least 32 blocks."""
-    return max(read_ahead, 32 * blksize)
+    """Bytes per worker-thread read: the operator's read-ahead, but at least 32 blocks, and a
+    whole number of blocks.  Whole blocks: when the next chunk is appended, every block of
+    the current one has been sent (and in lock-step acknowledged), so the new chunk becomes
+    the buffer as it is; a chunk ending mid-block kept that block's head and copied the
+    whole new chunk behind it (256 KiB per chunk: 8 % of a lock-step transfer's time)."""
+    size = max(read_ahead, 32 * blksize)
+    return size - size % blksize
 
 
 class BlockSource:
