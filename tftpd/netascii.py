@@ -15,13 +15,18 @@ def encode(data: bytes) -> bytes:
     return data.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n")
 
 
+def encoded_len(data: bytes) -> int:
+    """``len(encode(data))`` without encoding."""
+    return len(data) + data.count(b"\n") + data.count(b"\r")
+
+
 def encoded_size(pread: Callable[[int, int], bytes], chunk: int = 1 << 20) -> int:
     """Size after :func:`encode` of the file read by ``pread(size, offset)`` (blocking: call
     it in a worker thread)."""
     size = offset = 0
     while True:
         data = pread(chunk, offset)
-        size += len(data) + data.count(b"\n") + data.count(b"\r")
+        size += encoded_len(data)
         offset += len(data)
         if len(data) < chunk:
             return size

@@ -37,7 +37,12 @@ class _Borrower:
 async def run_sync(fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
     """``fn()`` in a worker thread under ``limiter``; its result or its exception."""
     borrower = _Borrower()
-    await limiter.acquire_on_behalf_of(borrower)
+    try:
+        # A free token is taken without the scheduler round trip ``acquire_on_behalf_of``
+        # makes even when it need not wait; the wait below is this call's checkpoint.
+        limiter.acquire_on_behalf_of_nowait(borrower)
+    except trio.WouldBlock:
+        await limiter.acquire_on_behalf_of(borrower)
     task = trio.lowlevel.current_task()
     token = trio.lowlevel.current_trio_token()
     abandoned = False

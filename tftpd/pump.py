@@ -52,6 +52,9 @@ GSO_MAX_BYTES = 65507
 _RECV_SIZE = 2048
 #: Longest stretch the pump polls without letting other trio tasks run, seconds.
 _YIELD_EVERY = 0.002
+#: A sleep's deadline (the next retransmission) is re-registered with trio only when it
+#: moves by more than this, seconds: a retransmission fires at most this much late or early.
+_DEADLINE_SLACK = 0.0005
 _EPOLLIN = select.EPOLLIN
 _pack_header = packets.pack_header
 _OP_DATA = packets.OP_DATA
@@ -232,7 +235,14 @@ class Pump:
                         if self._runnable:
                             continue
                         timers = self._timers
-                        scope.deadline = (timers[0][0] - clock() + now_trio()) if timers else inf
+                        deadline = (timers[0][0] - clock() + now_trio()) if timers else inf
+                        # Setting a deadline re-registers the scope in trio (a generator
+                        # context manager); between two timer changes (one per RTO in
+                        # lock-step) the new one only differs by clock jitter: keep the old
+                        # one unless it moves by more than the jitter we accept.
+                        if abs(deadline - scope.deadline) > _DEADLINE_SLACK or (
+                                deadline == inf) != (scope.deadline == inf):
+                            scope.deadline = deadline
                         self._wait_scope = scope  # only while asleep: see _schedule
                         try:
                             await wait_readable(epfd)

@@ -46,6 +46,17 @@ def normalise_ip(host: str) -> str:
     return str(addr)
 
 
+@functools.lru_cache(maxsize=4096)
+def _client_directory(root: str, client_ip: str) -> str:
+    """``<root>/<client ip>`` as text (cached like :func:`normalise_ip`)."""
+    name = normalise_ip(client_ip)
+    if not name or "/" in name or name in (".", ".."):
+        # normalise_ip only passes through what ipaddress rejected; never build a path from
+        # something that is not an address.
+        raise OpenRefused(2, "client address cannot name a directory")
+    return os.path.join(root, name)
+
+
 @dataclass(frozen=True)
 class OpenedFile:
     """An open regular file: the descriptor (owned by the caller) and its size at open time."""
@@ -68,14 +79,18 @@ class ClientRoots:
 
     def directory_for(self, client_ip: str) -> Path:
         """The directory ``client_ip`` is served from (it need not exist)."""
+        return Path(self._directory(client_ip))
+
+    @functools.cached_property
+    def _root_text(self) -> str:
+        return os.fspath(self.root)
+
+    def _directory(self, client_ip: str) -> str:
+        """:meth:`directory_for` as text, the form every request uses (a ``Path`` built and
+        turned back into text per request cost more than the inside-check's system calls)."""
         if self.flat:
-            return self.root
-        name = normalise_ip(client_ip)
-        if not name or "/" in name or name in (".", ".."):
-            # normalise_ip only passes through what ipaddress rejected; never build a path from
-            # something that is not an address.
-            raise OpenRefused(2, "client address cannot name a directory")
-        return self.root / name
+            return self._root_text
+        return _client_directory(self._root_text, client_ip)
 
     def open(self, client_ip: str, relpath: str) -> OpenedFile:
         """Open ``relpath`` (already normalised by :mod:`tftpd.paths`) for ``client_ip``.
@@ -84,8 +99,8 @@ class ClientRoots:
         OpenRefused with the TFTP error code to send: 1 for a missing file (clients probe many
         names), 2 for everything the client may not read.
         """
-        base = self.directory_for(client_ip)
-        full = os.path.join(base, relpath)
+        base = self._directory(client_ip)
+        full = f"{base}/{relpath}"  # relpath: relative, normalised (tftpd/paths.py)
         try:
             # O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer forever.
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
@@ -116,7 +131,7 @@ class ClientRoots:
         return OpenedFile(fd=fd, size=st.st_size, path=full, mtime_ns=st.st_mtime_ns)
 
     @staticmethod
-    def _check_inside(base: Path, fd: int) -> None:
+    def _check_inside(base: str, fd: int) -> None:
         """Refuse a file whose real location is outside the client's resolved directory.
 
         Checked on the open descriptor, not on the path: a symlink swapped between the open
@@ -136,5 +151,7 @@ class ClientRoots:
             real = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             raise OpenRefused(0, "cannot tell where the opened file lives") from None
-        if os.path.commonpath([real_base, real]) != real_base or real == real_base:
+        # Both are canonical (the kernel's), so "below" is a prefix ending at a separator.
+        inside = real.startswith(real_base if real_base.endswith("/") else real_base + "/")
+        if not inside or real == real_base:
             raise OpenRefused(2, "access violation: file is outside the client's directory")

@@ -370,9 +370,9 @@ class TftpServer:
         client."""
         v4 = ":" not in client  # normalised: dotted quad or IPv6 text
         family = socket.AF_INET if v4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        # Non-blocking from its creation: no separate ioctl per request.
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             host = local if local is not None else ("0.0.0.0" if v4 else "::")
             scope = ifindex if (not v4 and ipaddress.ip_address(host).is_link_local) else 0
             peer_scope = ifindex if (not v4 and ipaddress.ip_address(client).is_link_local) else 0

@@ -176,8 +176,12 @@ class Session:
         current_client.set(res.client)
         started = time.monotonic()
         try:
-            with trio.fail_after(self._policy.max_transfer_seconds):
+            # trio.fail_after without its generator-based context manager (per request).
+            with trio.CancelScope(
+                    deadline=trio.current_time() + self._policy.max_transfer_seconds) as scope:
                 await self._prepare_and_send()
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
         except PeerGone as exc:
             res.outcome = "ok-unconfirmed" if self._final_sent else "client-gone"
             res.detail = str(exc)
@@ -232,12 +236,15 @@ class Session:
             data = None
             try:
                 if opened.size <= small:
-                    data = FileHandle.read_all(opened.fd, small + 1)
-                    if len(data) > small:  # grew since fstat: read it the normal way
-                        data = None
+                    data = FileHandle.read_whole(opened.fd, opened.size)
             except BaseException:
                 os.close(opened.fd)
                 raise
+            if data is not None:
+                # Read whole: the descriptor has done its job; closed here, in the thread,
+                # not on the event loop (and a caller that gave up has nothing to leak).
+                os.close(opened.fd)
+                return opened, data
             with lock:
                 if state["abandoned"]:
                     os.close(opened.fd)
@@ -274,7 +281,8 @@ class Session:
             return
         # blksize does not depend on the file: the read size is known before the open.
         blksize = negotiate(req.options, self._policy, tsize=0,
-                            blksize_cap=self._mtu_cap()).blksize
+                            blksize_cap=self._mtu_cap()).blksize if req.options else (
+                                packets.BLKSIZE_DEFAULT)
         try:
             opened, whole = await self._open(
                 relpath, chunk_size(self._policy.read_ahead, blksize))
@@ -282,13 +290,19 @@ class Session:
             outcome = "not-found" if exc.code == ERR_FILE_NOT_FOUND else "refused-file"
             await self._refuse(exc.code, str(exc), outcome)
             return
-        # Owned by the session from here: run() closes it however the transfer ends.
-        self._handle = handle = FileHandle(opened.fd, expect=(opened.size, opened.mtime_ns))
+        handle = None
+        if whole is None:
+            # Owned by the session from here: run() closes it however the transfer ends.
+            self._handle = handle = FileHandle(opened.fd, expect=(opened.size, opened.mtime_ns))
         is_netascii = req.mode == "netascii"
         size = opened.size
         if is_netascii and "tsize" in req.options:
-            size = await offload.run_sync(
-                functools.partial(netascii.encoded_size, handle.pread_exact), self._ctx.limiter)
+            if handle is None:
+                size = netascii.encoded_len(whole or b"")
+            else:
+                size = await offload.run_sync(
+                    functools.partial(netascii.encoded_size, handle.pread_exact),
+                    self._ctx.limiter)
         neg = negotiate(req.options, self._policy, tsize=size, blksize_cap=self._mtu_cap())
         self.result.options = dict(neg.oack)
         source = BlockSource(

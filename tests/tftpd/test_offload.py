@@ -44,3 +44,22 @@ async def test_cancel_abandons_the_thread_but_keeps_its_token_until_it_ends() ->
         while limiter.borrowed_tokens:
             await trio.sleep(0.01)
         assert await offload.run_sync(lambda: "next", limiter) == "next"
+
+
+async def test_a_call_without_a_free_token_waits_for_one_then_runs() -> None:
+    limiter = trio.CapacityLimiter(1)
+    release = threading.Event()
+    results: list[str] = []
+
+    async def call(fn) -> None:
+        results.append(await offload.run_sync(fn, limiter))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, lambda: release.wait(10) and "first")
+        await trio.sleep(0.05)
+        nursery.start_soon(call, lambda: "second")
+        await trio.sleep(0.05)
+        assert results == []  # the second waits for the first's token
+        release.set()
+    assert results == ["first", "second"]
+    assert limiter.borrowed_tokens == 0

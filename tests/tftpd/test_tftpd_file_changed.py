@@ -5,6 +5,7 @@ plain tree, is tests/security/test_fault_source_edits.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -82,3 +83,28 @@ def test_without_expect_nothing_is_checked(path: Path) -> None:
         assert h.pread_exact(100, 0) == path.read_bytes()
     finally:
         h.close()
+
+
+def test_small_file_is_read_whole_at_its_size_at_open(path: Path) -> None:
+    """The small-file read done with the open (one ``pread`` sized by the file) returns the
+    file as it was at open, and None -- read it the checked way -- once it is not that size:
+    never a shorter or longer file than the size the client may have been told (tsize)."""
+    fd, (size, _mtime) = opened(path)
+    try:
+        data = FileHandle.read_whole(fd, size)
+        assert data is not None
+        assert hashlib.sha256(data).hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "ab") as f:
+            f.write(b"more")
+        assert FileHandle.read_whole(fd, size) is None  # grew
+        os.truncate(path, size - 1)
+        assert FileHandle.read_whole(fd, size) is None  # shrank
+    finally:
+        os.close(fd)
+    empty = path.parent / "empty"
+    empty.write_bytes(b"")
+    fd = os.open(empty, os.O_RDONLY)
+    try:
+        assert FileHandle.read_whole(fd, 0) == b""
+    finally:
+        os.close(fd)

@@ -1,0 +1,53 @@
+"""tftpd.blocks.BlockSource: read-ahead chunks are whole blocks, so a lock-step transfer's
+buffer is each new chunk as read (no copy of the old chunk's tail in front of it), and the
+blocks are the file's bytes whatever the block size."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from tftpd.blocks import BlockSource, FileHandle, chunk_size
+
+
+@pytest.mark.parametrize("blksize", [512, 1428, 1468, 8192])
+def test_chunks_are_whole_blocks_of_at_least_the_read_ahead(blksize: int) -> None:
+    size = chunk_size(256 * 1024, blksize)
+    assert size % blksize == 0
+    assert 256 * 1024 - blksize < size <= 256 * 1024
+    assert chunk_size(4096, blksize) == 32 * blksize  # at least 32 blocks
+
+
+@pytest.mark.parametrize("blksize", [1428, 512])
+async def test_lock_step_blocks_are_the_file_and_the_buffer_one_chunk(
+        tmp_path: Path, blksize: int) -> None:
+    data = os.urandom(200_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    handle = FileHandle(fd, expect=(st.st_size, st.st_mtime_ns))
+    # 50,000 bytes of read-ahead: more than 32 blocks, and a whole number of neither size.
+    source = BlockSource(handle, blksize, 50_000, trio.CapacityLimiter(2))
+    chunk = chunk_size(50_000, blksize)
+    got = hashlib.sha256()
+    seq = 1
+    try:
+        while True:
+            source.release_before(seq)  # lock-step: everything before seq is acknowledged
+            block = await source.block(seq)
+            got.update(block)
+            # Never an old chunk's tail in front of a new chunk.
+            assert len(source._buf) <= chunk
+            if len(block) < blksize:
+                break
+            seq += 1
+    finally:
+        source.close()
+        handle.close()
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert seq == len(data) // blksize + 1
