@@ -83,3 +83,20 @@ def test_a_worker_taking_load_from_the_other_is_not_a_climb() -> None:
 def test_idle_growth_beyond_the_slack_fails() -> None:
     grew = not_flat(idle(60), idle(60 + 20), series(120, 5, 0.0))
     assert len(grew) == 1 and "RSS" in grew[0] and "climbs" not in grew[0]
+
+
+def with_idle_maps(result: SoakResult, heap_mib: float, arenas_mib: float) -> SoakResult:
+    """``result`` ending in an idle sample whose two workers show this heap and arenas."""
+    last = result.samples[-1][0] + 12
+    result.samples.append((last, idle(60)))
+    result.idle.append(True)
+    result.transfers.append(result.transfers[-1])
+    m = procs.MemoryMap(int(heap_mib * 1024), int(arenas_mib * 1024), 13 * 1024, 12 * 1024)
+    result.maps = [{}] * (len(result.samples) - 1) + [{NAME: [m, m]}]
+    return result
+
+
+def test_memory_malloc_keeps_idle_fails_beyond_the_limit() -> None:
+    assert not_flat(idle(60), idle(60), with_idle_maps(series(120, 5, 0.0), 5.6, 0.1)) == []
+    grew = not_flat(idle(60), idle(60), with_idle_maps(series(120, 5, 0.0), 14.6, 9.5))
+    assert len(grew) == 2 and all("heap and arenas" in g for g in grew), grew
