@@ -23,16 +23,30 @@ import trio  # noqa: E402
 from tests.fs.conftest import Daemon as ServeDaemon  # noqa: E402
 from tests.reliability.bench_setup import bench_work_dir  # noqa: E402
 from tests.reliability.servers import vfsroot_tftpd  # noqa: E402
-from tests.reliability.soak import Soak, build_source, not_flat, report  # noqa: E402
+from tests.reliability.soak import KINDS, Soak, build_source, not_flat, report  # noqa: E402
+
+
+def _kinds(text: str) -> frozenset[str]:
+    kinds = frozenset(text.split(","))
+    if not kinds or not kinds <= KINDS:
+        raise argparse.ArgumentTypeError(f"unknown kinds {sorted(kinds - KINDS)}")
+    return kinds
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--warmup", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="vfsroot-tftpd --workers (default: its own, one per CPU)")
+    p.add_argument("--tftpd-arg", action="append", default=[], metavar="ARG",
+                   help="one more vfsroot-tftpd argument (repeatable; --tftpd-arg=--flag=VALUE)")
+    p.add_argument("--kinds", type=_kinds, default=KINDS,
+                   help="traffic kinds to run, comma-separated: " + ",".join(sorted(KINDS))
+                   + " (default: all)")
     p.add_argument("--storm-clients", type=int, default=100)
     p.add_argument("--initrd-mib", type=float, default=4.0)
-    p.add_argument("--sample-every", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--sample-every", type=float, default=10.0, metavar="SECONDS")
     args = p.parse_args(argv)
     work = bench_work_dir("bench/soak.py", "FUSE mount, 127.x client addresses", "soak")
     if work is None:
@@ -43,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     mnt = work / "mnt"
     mnt.mkdir()
     serve = ServeDaemon(source, mnt, work / "vfsroot.log")
-    tftpd = vfsroot_tftpd(mnt, work / "vfsroot-tftpd.log")
+    kinds = args.kinds
+    extra = [*args.tftpd_arg, *(() if args.workers is None else ("--workers", str(args.workers)))]
+    tftpd = vfsroot_tftpd(mnt, work / "vfsroot-tftpd.log", *extra)
     try:
         serve.start()
         tftpd.start()
@@ -54,11 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         seconds = args.minutes * 60
 
         async def run() -> tuple[dict, dict]:
-            await soak.traffic(args.warmup)
+            await soak.traffic(args.warmup, kinds=kinds)
             first = await soak.idle_sample(0)
-            soak.result.samples.clear()
-            soak.result.tallies.clear()
-            await soak.traffic(seconds, sample_every=args.sample_every)
+            soak.reset()
+            await soak.traffic(seconds, sample_every=args.sample_every, kinds=kinds)
             return first, await soak.idle_sample(seconds)
 
         first, last = trio.run(run)
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in lines:
         print(f"  {line}")
     print(f"  vfsroot-tftpd exit code after SIGTERM: {code}")
-    grew = not_flat(first, last)
+    grew = not_flat(first, last, soak.result)
     print("  flat (slack in tests/reliability/soak.py): " + ("yes" if not grew else
                                                              "NO: " + "; ".join(grew)))
     shutil.rmtree(work, ignore_errors=True)

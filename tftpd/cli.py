@@ -24,6 +24,7 @@ from vfsroot.defaults import DEFAULT_MOUNT
 from vfsroot.exporter import MetricsError, MetricsServer, bind_metrics, parse_metrics_address
 from vfsroot.systemd import notify
 
+from . import malloc
 from .limits import SessionLimits
 from .metrics import TftpCollector, WorkerMetrics, answer_parent, channel_pair
 from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=parse_metrics_address, metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics, every worker's "
                         "counts in one endpoint (default: off)")
+    p.add_argument("--malloc-policy", choices=["tuned", "glibc"], default="tuned",
+                   help="tuned: glibc malloc returns freed buffers to the kernel "
+                        "(docs/tftpd.md); glibc: its defaults (default: tuned)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -283,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # tftpy logs every packet it encodes at DEBUG; our own lines say what matters.
     logging.getLogger("tftpy").setLevel(max(logging.INFO, logging.getLogger().level))
+    if args.malloc_policy == "tuned":  # before any thread or worker exists: all inherit it
+        malloc.apply()
     try:
         config = config_from_args(args)
         if not config.root.is_dir():

@@ -73,6 +73,62 @@ def fd_count(pid: int) -> int:
         return 0
 
 
+#: glibc maps each per-thread arena's heap at an address aligned to its maximum size
+#: (HEAP_MAX_SIZE, 64 MiB on 64-bit), which no other anonymous mapping of these daemons is.
+ARENA_ALIGN = 64 << 20
+
+
+@dataclass(frozen=True)
+class MemoryMap:
+    """Where one process's resident memory lives (KiB), from ``/proc/PID/smaps``: glibc's main
+    arena (``[heap]``, grown with brk), its per-thread arenas (anonymous mappings on a 64 MiB
+    boundary), other anonymous memory (blocks glibc mmaps one by one, Python's small-object
+    arenas, thread stacks) and mapped files.  Growth in ``arenas`` or ``heap`` while ``anon``
+    stays flat points at malloc keeping freed memory, not at live objects."""
+
+    heap: int = 0
+    arenas: int = 0
+    anon: int = 0
+    files: int = 0
+
+    def line(self) -> str:
+        return (f"heap {self.heap / 1024:.1f}, arenas {self.arenas / 1024:.1f}, "
+                f"anon {self.anon / 1024:.1f}, files {self.files / 1024:.1f} MiB")
+
+
+def memory_map(pid: int) -> MemoryMap:
+    heap = arenas = anon = files = 0
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return MemoryMap()
+    kind = "anon"
+    for line in text.splitlines():
+        head = line.split(None, 6)
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            start = int(head[0].split("-")[0], 16)
+            name = head[5] if len(head) > 5 else ""
+            if name == "[heap]":
+                kind = "heap"
+            elif name.startswith("/"):
+                kind = "files"
+            elif not name and start % ARENA_ALIGN == 0:
+                kind = "arenas"
+            else:
+                kind = "anon"
+        elif line.startswith("Rss:"):
+            kib = int(line.split()[1])
+            if kind == "heap":
+                heap += kib
+            elif kind == "arenas":
+                arenas += kib
+            elif kind == "files":
+                files += kib
+            else:
+                anon += kib
+    return MemoryMap(heap, arenas, anon, files)
+
+
 @dataclass(frozen=True)
 class Sample:
     """One reading of a process tree (sums over its processes)."""
@@ -82,6 +138,8 @@ class Sample:
     hwm_kib: int  # sum of the live processes' own peaks
     fds: int
     threads: int
+    #: Each process's own RSS, the tree's root first: a sum can hide one worker that grows.
+    rss_each_kib: tuple[int, ...] = ()
 
     def line(self) -> str:
         return (f"RSS {self.rss_kib / 1024:.1f} MiB, {self.fds} fds, {self.threads} threads, "
@@ -91,13 +149,15 @@ class Sample:
 def sample(pid: int) -> Sample:
     pids = tree(pid)
     rss = hwm = fds = threads = 0
+    each = []
     for p in pids:
         st = _status(p)
         rss += st.get("VmRSS", 0)
+        each.append(st.get("VmRSS", 0))
         hwm += st.get("VmHWM", 0)
         threads += st.get("Threads", 0)
         fds += fd_count(p)
-    return Sample(len(pids), rss, hwm, fds, threads)
+    return Sample(len(pids), rss, hwm, fds, threads, tuple(each))
 
 
 def count_named(pid: int, name: str) -> int:

@@ -48,6 +48,11 @@ EDIT_FILE = "edit.bin"
 #: How long an edit of the source may take to show through the mount and TFTP.
 EDIT_VISIBLE = 3.0
 MISSING = "no-such-file"
+#: Idle means: trio's idle worker threads have exited (they wait 10 s for more work).  Sampled
+#: 2 s after the traffic, an 8-minute run showed 16 threads left of its last transfers.
+IDLE_SETTLE = 12.0
+#: The kinds of traffic; a bench run can pick some of them to find which one grows memory.
+KINDS = frozenset({"storm", "small", "lossy", "edits"})
 
 
 def _sha(data: bytes) -> str:
@@ -77,6 +82,11 @@ class Tally:
 class SoakResult:
     tallies: dict[str, Tally] = field(default_factory=dict)
     samples: list[tuple[float, dict[str, procs.Sample]]] = field(default_factory=list)
+    #: Per sample: transfers done so far (all kinds), and each daemon process's memory map.
+    transfers: list[int] = field(default_factory=list)
+    maps: list[dict[str, list[procs.MemoryMap]]] = field(default_factory=list)
+    #: Per sample: taken once the traffic was over (not part of a trend during the traffic).
+    idle: list[bool] = field(default_factory=list)
     edit_delay_max: dict[str, float] = field(default_factory=dict)
     relay: str = ""
 
@@ -86,6 +96,10 @@ class SoakResult:
     @property
     def bad(self) -> list[str]:
         return [b for t in self.tallies.values() for b in t.bad]
+
+    @property
+    def done(self) -> int:
+        return sum(t.ok + len(t.bad) for t in self.tallies.values())
 
 
 class Soak:
@@ -212,15 +226,23 @@ class Soak:
                 await self._until_seen("deleted-client", ip, EDIT_FILE, None)
             await trio.sleep(0.2)
 
+    def reset(self) -> None:
+        """Forget the warm-up's counts and samples."""
+        self.result = SoakResult()
+
     async def traffic(self, seconds: float, small_workers: int = 3,
-                      sample_every: float = 10.0) -> None:
+                      sample_every: float = 10.0, kinds: frozenset[str] = KINDS) -> None:
         until = trio.current_time() + seconds
         async with trio.open_nursery() as n:
-            n.start_soon(self.storm_rounds, until)
-            for w in range(small_workers):
-                n.start_soon(self.small_files, until, w)
-            n.start_soon(self.lossy, until)
-            n.start_soon(self.edits, until)
+            if "storm" in kinds:
+                n.start_soon(self.storm_rounds, until)
+            if "small" in kinds:
+                for w in range(small_workers):
+                    n.start_soon(self.small_files, until, w)
+            if "lossy" in kinds:
+                n.start_soon(self.lossy, until)
+            if "edits" in kinds:
+                n.start_soon(self.edits, until)
             n.start_soon(self._sampler, until, sample_every)
 
     async def _sampler(self, until: float, every: float = 10.0) -> None:
@@ -229,15 +251,19 @@ class Soak:
             await trio.sleep(every)
             self.sample(time.monotonic() - t0)
 
-    def sample(self, at: float) -> dict[str, procs.Sample]:
+    def sample(self, at: float, idle: bool = False) -> dict[str, procs.Sample]:
         got = {name: procs.sample(pid) for name, pid in self.daemons.items()}
         self.result.samples.append((at, got))
+        self.result.idle.append(idle)
+        self.result.transfers.append(self.result.done)
+        self.result.maps.append({name: [procs.memory_map(p) for p in procs.tree(pid)]
+                                 for name, pid in self.daemons.items()})
         return got
 
-    async def idle_sample(self, at: float, settle: float = 2.0) -> dict[str, procs.Sample]:
+    async def idle_sample(self, at: float, settle: float = IDLE_SETTLE) -> dict[str, procs.Sample]:
         """A sample once the traffic is over and the servers have let go of it."""
         await trio.sleep(settle)
-        return self.sample(at)
+        return self.sample(at, idle=True)
 
 
 #: Flat means: the same processes and descriptors once idle, at most 4 more threads (thread
@@ -249,9 +275,48 @@ class Soak:
 FD_SLACK, THREAD_SLACK, RSS_SLACK_KIB = 0, 4, 12 * 1024
 
 
-def not_flat(first: dict[str, procs.Sample], last: dict[str, procs.Sample]) -> list[str]:
-    """What grew beyond the slack above, per daemon (empty: flat)."""
+#: The trend during the traffic (:func:`trend`: the median slope of each daemon's RSS over
+#: the last two-thirds of the samples) may be at most TREND_RATE MiB/min plus what
+#: TREND_NOISE_MIB of sampling noise makes of a slope across that window (TREND_NOISE_MIB
+#: spread over 80 s in the 2-minute form, 20 minutes in the 30-minute one).  TREND_SKIP: the
+#: first third is the daemons' start (caches, pools, a thread cache that grows to the load).
+TREND_SKIP, TREND_RATE, TREND_NOISE_MIB = 1 / 3, 0.5, 1.0
+
+
+#: Idle, no daemon process may keep more than this in glibc's heap and arenas (procs.MemoryMap):
+#: memory malloc keeps after the traffic is freed memory it did not give back, which is how
+#: the 30-minute climb built up.  Measured idle after 5-8 minutes: vfsroot-tftpd's workers
+#: 5.5-5.9 MiB with its malloc policy and 14-29 MiB without (--malloc-policy glibc);
+#: vfsroot serve 8.8-9.4 MiB.
+HELD_MAX_KIB = 16 * 1024
+
+
+def trend_limit(result: SoakResult) -> float:
+    """The largest RSS trend (MiB/min) :func:`not_flat` accepts for ``result``'s samples."""
+    ats = [at for (at, _), idle in zip(result.samples, result.idle, strict=True) if not idle]
+    window = (ats[-1] * (1 - TREND_SKIP)) / 60 if ats else 0.0
+    return TREND_RATE + TREND_NOISE_MIB / window if window > 0 else float("inf")
+
+
+def not_flat(first: dict[str, procs.Sample], last: dict[str, procs.Sample],
+             result: SoakResult | None = None) -> list[str]:
+    """What grew beyond the slack above, per daemon (empty: flat): idle first against idle
+    last, and (with ``result``) the RSS trend during the traffic and what malloc keeps idle."""
     grew = []
+    if result is not None and result.maps and result.idle[-1]:
+        for name, maps in result.maps[-1].items():
+            for i, m in enumerate(maps):
+                if m.heap + m.arenas > HELD_MAX_KIB:
+                    grew.append(f"{name}: process {i} keeps {(m.heap + m.arenas) / 1024:.1f} "
+                                f"MiB in malloc's heap and arenas idle (limit "
+                                f"{HELD_MAX_KIB / 1024:.0f})")
+    if result is not None:
+        limit = trend_limit(result)
+        for name in first:
+            total, _ = trend(result, name)
+            if total > limit:
+                grew.append(f"{name}: RSS climbs {total:+.2f} MiB/min during the traffic "
+                            f"(limit {limit:.2f})")
     for name, f in first.items():
         la = last[name]
         if la.processes != f.processes:
@@ -268,6 +333,10 @@ def not_flat(first: dict[str, procs.Sample], last: dict[str, procs.Sample]) -> l
 def _reason(bad: str) -> str:
     """A failure line without its client and file (``<ip> <name>: <why>``)."""
     return bad.split(": ", 1)[-1]
+
+
+#: Sample rows a report prints at most (a 30-minute run samples every 10 s).
+MAX_ROWS = 30
 
 
 def report(result: SoakResult, first: dict[str, procs.Sample],
@@ -288,8 +357,59 @@ def report(result: SoakResult, first: dict[str, procs.Sample],
         lines.append(f"{name} first/last (idle): RSS {f.rss_kib / 1024:.1f} / "
                      f"{la.rss_kib / 1024:.1f} MiB, fds {f.fds} / {la.fds}, threads "
                      f"{f.threads} / {la.threads}, processes {f.processes} / {la.processes}")
-    lines.append("samples during the traffic (s: " + ", ".join(first) + " RSS MiB/fds/threads):")
-    for at, got in result.samples:
-        lines.append(f"  {at:6.0f}: " + "; ".join(
-            f"{s.rss_kib / 1024:.1f}/{s.fds}/{s.threads}" for s in got.values()))
+    rows = list(zip(result.samples, result.transfers, strict=True))
+    every = max(1, len(rows) // MAX_ROWS)
+    lines.append("samples during the traffic (s, transfers: " + ", ".join(first)
+                 + " RSS MiB/fds/threads [each process's RSS])"
+                 + (f", every {every}th shown:" if every > 1 else ":"))
+    for (at, got), done in rows[::every] + ([] if (len(rows) - 1) % every == 0 else rows[-1:]):
+        lines.append(f"  {at:6.0f} {done:7d}: " + "; ".join(
+            f"{s.rss_kib / 1024:.1f}/{s.fds}/{s.threads} [" + " ".join(
+                f"{k / 1024:.1f}" for k in s.rss_each_kib) + "]" for s in got.values()))
+    for name in first:
+        total, each = trend(result, name)
+        if each:
+            lines.append(f"{name} RSS trend over the last two-thirds of the traffic: "
+                         f"{total:+.2f} MiB/min (limit {trend_limit(result):.2f}); each "
+                         "process: " + ", ".join(f"{x:+.2f}" for x in each))
+    if result.maps:
+        for label, maps in (("first", result.maps[0]), ("last", result.maps[-1])):
+            for name, each in maps.items():
+                for i, m in enumerate(each):
+                    lines.append(f"{name} process {i} at the {label} sample: {m.line()}")
     return lines
+
+
+def theil_sen(points: list[tuple[float, float]]) -> float:
+    """The median of the slopes between every two points: a trend that a few outlying
+    samples cannot move (an RSS sample taken between two storm rounds is one, far below the
+    others), unlike a least-squares fit.  0 for fewer than two distinct x."""
+    slopes = sorted((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
+                    for x2, y2 in points[i + 1:] if x2 != x1)
+    if not slopes:
+        return 0.0
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+
+
+def _traffic_rows(result: SoakResult, name: str, skip: float) -> list[tuple[float, procs.Sample]]:
+    """The samples taken during the traffic after its first ``skip`` (the start still fills
+    caches and pools)."""
+    rows = [(at, got[name]) for (at, got), idle in zip(result.samples, result.idle, strict=True)
+            if name in got and not idle]
+    if not rows:
+        return []
+    start = rows[-1][0] * skip
+    return [(at, s) for at, s in rows if at >= start]
+
+
+def trend(result: SoakResult, name: str, skip: float = TREND_SKIP) -> tuple[float, list[float]]:
+    """RSS trend (MiB/min, :func:`theil_sen`) of daemon ``name`` over the traffic samples
+    after the first ``skip``: its process tree's sum, and each process's own."""
+    rows = _traffic_rows(result, name, skip)
+    if not rows:
+        return 0.0, []
+    width = min(len(s.rss_each_kib) for _, s in rows)
+    total = theil_sen([(at / 60, s.rss_kib / 1024) for at, s in rows])
+    return total, [theil_sen([(at / 60, s.rss_each_kib[i] / 1024) for at, s in rows])
+                   for i in range(width)]
