@@ -22,6 +22,15 @@ def test_chunks_are_whole_blocks_of_at_least_the_read_ahead(blksize: int) -> Non
     assert chunk_size(4096, blksize) == 32 * blksize  # at least 32 blocks
 
 
+@pytest.mark.parametrize(("blksize", "windowsize"), [(1428, 16), (1468, 64), (512, 7)])
+def test_chunks_are_whole_windows_when_one_fits(blksize: int, windowsize: int) -> None:
+    size = chunk_size(256 * 1024, blksize, windowsize)
+    assert size % (blksize * windowsize) == 0
+    assert 256 * 1024 - blksize * windowsize < size <= 256 * 1024
+    # A window larger than the read-ahead: whole blocks, as in lock-step.
+    assert chunk_size(64 * 1024, 8192, 64) == 32 * 8192
+
+
 @pytest.mark.parametrize("blksize", [1428, 512])
 async def test_lock_step_blocks_are_the_file_and_the_buffer_one_chunk(
         tmp_path: Path, blksize: int) -> None:
