@@ -113,7 +113,7 @@ class FileHandle:
 
 def chunk_size(read_ahead: int, blksize: int, windowsize: int = 1) -> int:
     """Bytes per worker-thread read: the operator's read-ahead, but at least 32 blocks, and a
-    whole number of blocks -- of windows when at least one window fits.
+    whole number of blocks -- of windows when that shortens it by at most an eighth.
 
     Whole blocks (windows): when the first block of the next chunk is due, every block of
     the current one has been acknowledged (windows start at whole windows while no packet
@@ -122,7 +122,9 @@ def chunk_size(read_ahead: int, blksize: int, windowsize: int = 1) -> int:
     chunk behind it: 256 KiB per chunk, 8 % of a lock-step transfer's time."""
     size = max(read_ahead, 32 * blksize)
     window = blksize * windowsize
-    unit = window if window <= size else blksize
+    # Whole windows only where that costs at most an eighth of the chunk: a much shorter
+    # chunk (windowsize 64 @1428: 2 windows, 30 % less) is more thread hops per MB.
+    unit = window if size % window <= size // 8 else blksize
     return size - size % unit
 
 
