@@ -387,10 +387,11 @@ def report(result: SoakResult, first: dict[str, procs.Sample],
                          f"{total:+.2f} MiB/min (limit {trend_limit(result, name):.2f}); each "
                          "process: " + ", ".join(f"{x:+.2f}" for x in each))
     if result.maps:
-        for label, maps in (("first", result.maps[0]), ("last", result.maps[-1])):
+        last = "idle after the traffic" if result.idle[-1] else "at the last sample"
+        for label, maps in (("at the first sample", result.maps[0]), (last, result.maps[-1])):
             for name, each in maps.items():
                 for i, m in enumerate(each):
-                    lines.append(f"{name} process {i} at the {label} sample: {m.line()}")
+                    lines.append(f"{name} process {i} {label}: {m.line()}")
     return lines
 
 
