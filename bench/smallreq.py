@@ -15,7 +15,8 @@ package) with the extra command-line ARGS, or DIR ``tftpd-hpa`` / ``atftpd`` for
 bench/tftp.py.  ``rate``: REQUESTS fetches of a 1 KiB file by CLIENTS concurrent clients (our
 client, tftpd/client.py, in its own process, the same code for every variant; default flags,
 so blksize 512: three DATA blocks and no OACK, as in bench/tftp.py); every fetch's sha256 is
-checked.  ``lockstep``: one atftp fetch of SIZE MiB at BLKSIZE.  Each run prints the server's
+checked.  ``lockstep``: one atftp fetch of SIZE MiB at BLKSIZE (``--windowsize``: with
+that window instead).  Each run prints the server's
 CPU (its cgroup: every process it forks and every thread) per request or per MB, the client's
 CPU and the rate; the summary gives medians and the median of the per-pair ratios to the
 first variant.
@@ -140,8 +141,9 @@ def one_lockstep(server: tftp_peers.Running, args: argparse.Namespace, want: str
     size = args.size_mib << 20
     cpu0 = tftp_peers.server_cpu_seconds(server)
     t0 = time.perf_counter()
+    window = ["--option", f"windowsize {args.windowsize}"] if args.windowsize > 1 else []
     proc = subprocess.run([ATFTP, "-g", "-r", "big.bin", "-l", str(out), "--option",
-                           f"blksize {args.blksize}", "127.0.0.1", str(server.port)],
+                           f"blksize {args.blksize}", *window, "127.0.0.1", str(server.port)],
                           capture_output=True, timeout=600)
     wall = time.perf_counter() - t0
     cpu = tftp_peers.server_cpu_seconds(server) - cpu0
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--size-mib", type=int, default=32)
     p.add_argument("--blksize", type=int, default=1428)
+    p.add_argument("--windowsize", type=int, default=1,
+                   help="lockstep mode: ask for this RFC 7440 window (default 1: lock-step)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="vfsroot-smallreq-", dir="/dev/shm"))
     try:

@@ -111,14 +111,21 @@ class FileHandle:
                 os.close(self._fd)
 
 
-def chunk_size(read_ahead: int, blksize: int) -> int:
+def chunk_size(read_ahead: int, blksize: int, windowsize: int = 1) -> int:
     """Bytes per worker-thread read: the operator's read-ahead, but at least 32 blocks, and a
-    whole number of blocks.  Whole blocks: when the next chunk is appended, every block of
-    the current one has been sent (and in lock-step acknowledged), so the new chunk becomes
-    the buffer as it is; a chunk ending mid-block kept that block's head and copied the
-    whole new chunk behind it (256 KiB per chunk: 8 % of a lock-step transfer's time)."""
+    whole number of blocks -- of windows when that shortens it by at most an eighth.
+
+    Whole blocks (windows): when the first block of the next chunk is due, every block of
+    the current one has been acknowledged (windows start at whole windows while no packet
+    is lost), so the new chunk becomes the buffer as it is.  A chunk ending mid-block
+    (mid-window) kept that block's head (the window in flight) and copied the whole new
+    chunk behind it: 256 KiB per chunk, 8 % of a lock-step transfer's time."""
     size = max(read_ahead, 32 * blksize)
-    return size - size % blksize
+    window = blksize * windowsize
+    # Whole windows only where that costs at most an eighth of the chunk: a much shorter
+    # chunk (windowsize 64 @1428: 2 windows, 30 % less) is more thread hops per MB.
+    unit = window if size % window <= size // 8 else blksize
+    return size - size % unit
 
 
 class BlockSource:
@@ -137,12 +144,13 @@ class BlockSource:
         *,
         netascii: bool = False,
         whole_file: bytes | None = None,
+        windowsize: int = 1,
     ) -> None:
         if handle is None and whole_file is None:
             raise ValueError("a BlockSource needs a file handle unless it has the whole file")
         self._handle = handle
         self._blksize = blksize
-        self._chunk = chunk_size(read_ahead, blksize)
+        self._chunk = chunk_size(read_ahead, blksize, windowsize)
         self._limiter = limiter
         self._netascii = netascii
         self._buf = b""

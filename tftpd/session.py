@@ -309,6 +309,7 @@ class Session:
             handle, neg.blksize, self._policy.read_ahead, self._ctx.limiter,
             netascii=is_netascii,
             whole_file=whole,
+            windowsize=neg.windowsize,
         )
         # The client's ``timeout`` option is the retransmission interval it expects from us.
         rto = neg.timeout if "timeout" in neg.oack else self._policy.retransmit_timeout

@@ -6,8 +6,8 @@ even looks for the root disk; under TCG that took ~4 s of every launch (docs/dis
 appliance's root holds all of the kernel's modules and runs udev, which loads what the
 present devices need, and `modprobe` (mount, LVM) loads the rest on demand; so the initrd
 only has to reach the root: the virtio PCI transport, virtio-scsi and the SCSI disk driver
-(libguestfs' drives, the appliance's own root among them), ext4 (which mounts the ext2 root),
-and the virtio console (guestfsd's channel to the library).
+(libguestfs' drives, the appliance's own root among them; virtio-blk too, its fallback), ext4
+(which mounts the ext2 root), and the virtio console (guestfsd's channel to the library).
 
 Dependencies are read from each module's own `.modinfo` (`depends=`), so the kept set is
 closed; the crypto and CRC helpers are kept too (tiny, and some are soft dependencies
@@ -24,8 +24,10 @@ from vfsroot import newc
 
 log = logging.getLogger(__name__)
 
-#: What the initrd needs to reach the root and guestfsd to reach the library.
-WANTED = ("virtio_pci", "virtio_scsi", "sd_mod", "ext4", "virtio_console")
+#: What the initrd needs to reach the root and guestfsd to reach the library.  libguestfs
+#: puts its drives on virtio-scsi; virtio_blk is what it falls back to on a qemu without
+#: virtio-scsi (without it there the root would never appear: supermin waits ~10 min).
+WANTED = ("virtio_pci", "virtio_scsi", "sd_mod", "virtio_blk", "ext4", "virtio_console")
 #: Names (prefixes) of crypto/CRC helper modules kept as they are (soft dependencies).
 HELPERS = re.compile(r"^(crc|crct10dif|libcrc32c)")
 _DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")

@@ -18,7 +18,8 @@ sparse copy with the edited /init (~0.7 GiB; hard links to supermin's files wher
 not made lean: a consistent snapshot even if supermin rebuilds its appliance meanwhile).  The
 directory is named after what it leaves out (with a digest of the edits) and the three source
 files (the kernel's sha256, the others' inodes), so a rebuilt supermin appliance or another
-vfsroot's edits get a new one, and builds of other supermin appliances are removed.  The
+vfsroot's edits get a new one; builds of other supermin appliances, and builds of the same
+kind with other edits, are removed.  The
 file `vfsroot-parts` says what the directory holds (`parts`, logged at each launch).
 
 Each lean part falls back on its own to supermin's: an initrd or /init this code does not
@@ -37,6 +38,7 @@ import hashlib
 import logging
 import lzma
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -128,6 +130,16 @@ def _variant(lean_initrd: bool, lean_init: bool) -> str:
     return "pvh" + ("-initrd" if lean_initrd else "") + ("-init" if lean_init else "") + tag
 
 
+def _kind(name: str) -> str:
+    """"vfsroot-pvh-initrd-init-1a2b3c4d-<identity>" -> "pvh-initrd-init": what a build
+    leaves out, without how.  A build of the same kind with other edits (an older vfsroot)
+    is stale; builds of other kinds are left to whoever uses them (bench/launch.py)."""
+    words = name.removeprefix(PREFIX).split("-")[:-1]
+    if len(words) > 1 and re.fullmatch(r"[0-9a-f]{8}", words[-1]):
+        words.pop()
+    return "-".join(words)
+
+
 def parts(fixed: str) -> str:
     """What the fast appliance at `fixed` is, for the log: e.g. "decompressed kernel (PVH
     entry), lean initrd, lean /init"."""
@@ -205,7 +217,8 @@ def fast_appliance(cachedir: str, libguestfs_path: str, *, lean_initrd: bool = T
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for old in os.listdir(base):  # other builds (qemus using them keep their files)
-            if old.startswith(PREFIX) and not old.endswith("-" + identity):
+            if old.startswith(PREFIX) and old != name and (
+                    not old.endswith("-" + identity) or _kind(old) == _kind(name)):
                 shutil.rmtree(os.path.join(base, old), ignore_errors=True)
         log.info("fast appliance built: %s (%s)", target, ", ".join(what))
         return target

@@ -42,6 +42,7 @@ MODULES = {
     "t10-pi.ko": "crc-t10dif,crc64-rocksoft", "sd_mod.ko": "scsi_mod,t10-pi",
     "libata.ko": "scsi_mod,scsi_common", "ata_piix.ko": "libata",
     "virtio_ring.ko": "", "virtio.ko": "virtio_ring", "virtio_net.ko": "virtio_ring,virtio",
+    "virtio_blk.ko": "virtio,virtio_ring",
     "virtio_console.ko": "virtio,virtio_ring", "virtio_scsi.ko": "scsi_mod,virtio_ring,virtio",
     "virtio_pci_legacy_dev.ko": "", "virtio_pci_modern_dev.ko": "",
     "virtio_pci.ko": "virtio_ring,virtio_pci_modern_dev,virtio_pci_legacy_dev,virtio",
@@ -191,8 +192,14 @@ def test_fast_appliance_lean_parts(tmp_path: pathlib.Path,
     cache, lib = str(tmp_path / "cache"), str(tmp_path / "lib")
 
     plain = guest_kernel.fast_appliance(cache, lib, lean_initrd=False, lean_init=False)
+    assert plain is not None
+    # a lean build by a vfsroot that edited differently: stale once this one is built
+    stale = app.parent / f"vfsroot-pvh-initrd-init-deadbeef-{plain.rsplit('-', 1)[1]}"
+    stale.mkdir()
+    (stale / "README.fixed").write_text("older edits\n")
     lean = guest_kernel.fast_appliance(cache, lib)
-    assert plain is not None and lean is not None and plain != lean
+    assert lean is not None and plain != lean
+    assert not stale.exists() and pathlib.Path(plain).exists()  # other kinds are kept
     assert guest_kernel.parts(plain) == "decompressed kernel (PVH entry)"
     assert guest_kernel.parts(lean) == \
         "decompressed kernel (PVH entry), lean initrd, lean /init"

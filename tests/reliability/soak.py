@@ -276,10 +276,13 @@ FD_SLACK, THREAD_SLACK, RSS_SLACK_KIB = 0, 4, 12 * 1024
 
 
 #: The trend during the traffic (:func:`trend`: the median slope of each daemon's RSS over
-#: the last two-thirds of the samples) may be at most TREND_RATE MiB/min plus what
-#: TREND_NOISE_MIB of sampling noise makes of a slope across that window (TREND_NOISE_MIB
-#: spread over 80 s in the 2-minute form, 20 minutes in the 30-minute one).  TREND_SKIP: the
-#: first third is the daemons' start (caches, pools, a thread cache that grows to the load).
+#: the last two-thirds of the samples) may be at most TREND_RATE MiB/min plus the samples'
+#: own noise spread across that window: the interquartile range of what is left once the
+#: trend is taken out, at least TREND_NOISE_MIB.  A steadier series over a longer window gets
+#: a tighter limit: the 2-minute form's samples swing 60-80 MiB with the phase of its short
+#: storm rounds (noise ~10 MiB over 80 s), an 8-minute run's stayed within 1 MiB.
+#: TREND_SKIP: the first third is the daemons' start (caches, pools, a thread cache that
+#: grows to the load).
 TREND_SKIP, TREND_RATE, TREND_NOISE_MIB = 1 / 3, 0.5, 1.0
 
 
@@ -291,11 +294,22 @@ TREND_SKIP, TREND_RATE, TREND_NOISE_MIB = 1 / 3, 0.5, 1.0
 HELD_MAX_KIB = 16 * 1024
 
 
-def trend_limit(result: SoakResult) -> float:
-    """The largest RSS trend (MiB/min) :func:`not_flat` accepts for ``result``'s samples."""
-    ats = [at for (at, _), idle in zip(result.samples, result.idle, strict=True) if not idle]
-    window = (ats[-1] * (1 - TREND_SKIP)) / 60 if ats else 0.0
-    return TREND_RATE + TREND_NOISE_MIB / window if window > 0 else float("inf")
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 4], ordered[(3 * n) // 4]
+
+
+def trend_limit(result: SoakResult, name: str) -> float:
+    """The largest RSS trend (MiB/min) :func:`not_flat` accepts for daemon ``name``."""
+    rows = _traffic_rows(result, name, TREND_SKIP)
+    if len(rows) < 4:
+        return float("inf")
+    window = (rows[-1][0] - rows[0][0]) / 60
+    points = [(at / 60, s.rss_kib / 1024) for at, s in rows]
+    slope = theil_sen(points)
+    q1, q3 = _quartiles([y - slope * x for x, y in points])
+    return TREND_RATE + max(TREND_NOISE_MIB, q3 - q1) / window if window > 0 else float("inf")
 
 
 def not_flat(first: dict[str, procs.Sample], last: dict[str, procs.Sample],
@@ -311,9 +325,9 @@ def not_flat(first: dict[str, procs.Sample], last: dict[str, procs.Sample],
                                 f"MiB in malloc's heap and arenas idle (limit "
                                 f"{HELD_MAX_KIB / 1024:.0f})")
     if result is not None:
-        limit = trend_limit(result)
         for name in first:
             total, _ = trend(result, name)
+            limit = trend_limit(result, name)
             if total > limit:
                 grew.append(f"{name}: RSS climbs {total:+.2f} MiB/min during the traffic "
                             f"(limit {limit:.2f})")
@@ -370,13 +384,14 @@ def report(result: SoakResult, first: dict[str, procs.Sample],
         total, each = trend(result, name)
         if each:
             lines.append(f"{name} RSS trend over the last two-thirds of the traffic: "
-                         f"{total:+.2f} MiB/min (limit {trend_limit(result):.2f}); each "
+                         f"{total:+.2f} MiB/min (limit {trend_limit(result, name):.2f}); each "
                          "process: " + ", ".join(f"{x:+.2f}" for x in each))
     if result.maps:
-        for label, maps in (("first", result.maps[0]), ("last", result.maps[-1])):
+        last = "idle after the traffic" if result.idle[-1] else "at the last sample"
+        for label, maps in (("at the first sample", result.maps[0]), (last, result.maps[-1])):
             for name, each in maps.items():
                 for i, m in enumerate(each):
-                    lines.append(f"{name} process {i} at the {label} sample: {m.line()}")
+                    lines.append(f"{name} process {i} {label}: {m.line()}")
     return lines
 
 

@@ -22,6 +22,22 @@ def test_chunks_are_whole_blocks_of_at_least_the_read_ahead(blksize: int) -> Non
     assert chunk_size(4096, blksize) == 32 * blksize  # at least 32 blocks
 
 
+@pytest.mark.parametrize(("blksize", "windowsize"), [(1428, 16), (1468, 16), (512, 7),
+                                                     (512, 64)])
+def test_chunks_are_whole_windows_when_that_costs_little(blksize: int,
+                                                         windowsize: int) -> None:
+    size = chunk_size(256 * 1024, blksize, windowsize)
+    assert size % (blksize * windowsize) == 0
+    assert 256 * 1024 * 7 // 8 <= size <= 256 * 1024
+
+
+def test_chunks_stay_whole_blocks_where_whole_windows_would_cut_them_short() -> None:
+    # 64 x 1428: two windows would be 30 % less read-ahead (more thread hops per MB).
+    assert chunk_size(256 * 1024, 1428, 64) == chunk_size(256 * 1024, 1428)
+    # A window larger than the read-ahead: whole blocks, as in lock-step.
+    assert chunk_size(64 * 1024, 8192, 64) == 32 * 8192
+
+
 @pytest.mark.parametrize("blksize", [1428, 512])
 async def test_lock_step_blocks_are_the_file_and_the_buffer_one_chunk(
         tmp_path: Path, blksize: int) -> None:
