@@ -54,14 +54,16 @@ def test_theil_sen_ignores_outliers() -> None:
 
 
 def test_limit_is_a_rate_plus_noise_over_the_window() -> None:
-    """At least 1 MiB of noise spread over the window; more if the samples are noisier."""
-    window = (120 - 40) / 60
-    assert abs(trend_limit(series(120, 5, 0), NAME) - (0.5 + 1.0 / window)) < 0.01
-    assert abs(trend_limit(series(1800, 10, 0), NAME) - (0.5 + 1.0 / (1200 / 60))) < 0.01
-    noisy = series(120, 5, 0)
-    for i, (at, _) in enumerate(noisy.samples):  # the 2-minute form: 60 or 80 MiB by phase
-        noisy.samples[i] = (at, {NAME: sample([30.0 + 10 * (i % 2), 30.0])})
-    assert abs(trend_limit(noisy, NAME) - (0.5 + 10.0 / window)) < 0.01
+    """At least 2 MiB of noise spread over the window; more if the samples are noisier; not
+    judged at all over the 2-minute form's 80 s."""
+    assert trend_limit(series(120, 5, 0), NAME) == float("inf")
+    window = (300 - 100) / 60
+    assert abs(trend_limit(series(300, 10, 0), NAME) - (0.5 + 2.0 / window)) < 0.01
+    assert abs(trend_limit(series(1800, 10, 0), NAME) - (0.5 + 2.0 / (1200 / 60))) < 0.01
+    noisy = series(300, 10, 0)
+    for i, (at, _) in enumerate(noisy.samples):  # samples at 60 or 80 MiB by storm phase
+        noisy.samples[i] = (at, {NAME: sample([30.0 + 20 * (i % 2), 30.0])})
+    assert abs(trend_limit(noisy, NAME) - (0.5 + 20.0 / window)) < 0.01
 
 
 def test_flat_series_with_dips_passes_every_form() -> None:
