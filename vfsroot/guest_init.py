@@ -53,20 +53,16 @@ def lean_init(script: str) -> str | None:
     """`script` without the `SKIPPED` lines (each replaced by a comment saying why) and with
     the `REPLACED` ones replaced, or None if one of them is not there exactly once."""
     lines = script.split("\n")
-    for skip, why in SKIPPED.items():
-        at = [i for i, line in enumerate(lines) if line.strip() == skip]
-        if len(at) != 1:
-            log.info("appliance /init: %r found %d times, expected once; keeping /init",
-                     skip, len(at))
-            return None
-        lines[at[0]] = f"{MARK}{skip} ({why})"
-    for old, (new, why) in REPLACED.items():
+    edits = [(skip, f"{MARK}{skip} ({why})") for skip, why in SKIPPED.items()]
+    edits += [(old, f"{new}  # vfsroot: was '{old}' ({why})")
+              for old, (new, why) in REPLACED.items()]
+    for old, new in edits:
         at = [i for i, line in enumerate(lines) if line.strip() == old]
         if len(at) != 1:
             log.info("appliance /init: %r found %d times, expected once; keeping /init",
                      old, len(at))
             return None
-        lines[at[0]] = f"{new}  # vfsroot: was '{old}' ({why})"
+        lines[at[0]] = new
     return "\n".join(lines)
 
 
