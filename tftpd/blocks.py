@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable
 
+import outcome
 import trio
 
 from vfsroot.fileio import pread_exact
@@ -237,15 +238,33 @@ class BlockSource:
             return
         done = trio.Event()
         self._pending = done
+        read = functools.partial(self._pread, self._chunk, self._raw_off)
+        # The common case, a free read thread: no task, no cancel scope, the result handed
+        # back by a call on the loop.  When all are busy, a task waits for one.
+        if offload.start(read, self._limiter, functools.partial(self._read_done, done)):
+            return
         self._scope = trio.CancelScope()
-        self._spawn(self._read_ahead, self._raw_off, done, self._scope)
+        self._spawn(self._read_ahead, read, done, self._scope)
 
-    async def _read_ahead(self, offset: int, done: trio.Event, scope: trio.CancelScope) -> None:
+    def _read_done(self, done: trio.Event, result: outcome.Outcome[bytes]) -> None:
+        """A read-ahead finished (on the event loop): keep its data or its error."""
+        try:
+            data = result.unwrap()
+        except Exception as exc:
+            if not self._closed:
+                self._next_error = exc  # raised when the data is needed, by the pump
+        else:
+            if not self._closed:  # a read that finished as the transfer ended: drop it
+                self._next = data
+        done.set()
+        if self.on_ready is not None:
+            self.on_ready()
+
+    async def _read_ahead(self, read: Callable[[], bytes], done: trio.Event,
+                          scope: trio.CancelScope) -> None:
         with scope:
             try:
-                data = await offload.run_sync(
-                    functools.partial(self._pread, self._chunk, offset),
-                    self._limiter)
+                data = await offload.run_sync(read, self._limiter)
                 if not self._closed:  # a read that finished as the transfer ended: drop it
                     self._next = data
             except Exception as exc:  # must not reach the server's nursery

@@ -124,6 +124,12 @@ class Pump:
         self._tick = itertools.count()
         self._runnable: list[Transfer] = []
         self._wait_scope: trio.CancelScope | None = None
+        # A read-ahead that completes while the pump sleeps wakes it through this eventfd in
+        # its epoll set: the sleep then ends like any other readiness, where cancelling the
+        # sleep's scope raised an exception through trio and began a new scope.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_sent = False
+        self._ep.register(self._wake_fd, _EPOLLIN)
         self._spin = spin_seconds
         self._spin_max = spin_max_sessions
         self._active = active
@@ -135,6 +141,7 @@ class Pump:
 
     def close(self) -> None:
         self._ep.close()
+        os.close(self._wake_fd)
 
     # -- transfers (called from session tasks) -----------------------------------------------
 
@@ -180,8 +187,9 @@ class Pump:
         if t.finished:
             return
         self._runnable.append(t)
-        if self._wait_scope is not None:
-            self._wait_scope.cancel()
+        if self._wait_scope is not None and not self._wake_sent:
+            self._wake_sent = True
+            os.eventfd_write(self._wake_fd, 1)
 
     def _detach(self, t: Transfer) -> None:
         t.source.on_ready = None
@@ -219,8 +227,8 @@ class Pump:
             while True:
                 # One cancel scope for as many sleeps as end in readiness (every ACK batch):
                 # a new scope per sleep cost more than the pass it woke for.  Its deadline is
-                # the next retransmission; when that fires, or a read-ahead completes
-                # (_make_runnable cancels it), the scope ends and the next one begins.
+                # the next retransmission; when that fires the scope ends and the next one
+                # begins.  A read-ahead completing wakes the sleep through ``_wake_fd``.
                 with trio.CancelScope() as scope:
                     while True:
                         yield_at = clock() + _YIELD_EVERY
@@ -280,6 +288,8 @@ class Pump:
                 t = by_fd.get(fd)
                 if t is not None:
                     event(t, now, ev)
+                elif fd == self._wake_fd:
+                    self._drain_wake()
             worked = True
         timers = self._timers
         if timers and timers[0][0] <= now:
@@ -290,6 +300,12 @@ class Pump:
                     self._step(t, now, self._expired)
             worked = True
         return worked
+
+    def _drain_wake(self) -> None:
+        """Reset the wake-up eventfd (its work, ``_runnable``, is taken at every pass)."""
+        self._wake_sent = False
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
 
     def _spin_pays(self) -> bool:
         """Busy-poll only while at most ``spin_max_sessions`` transfers run and each one's
