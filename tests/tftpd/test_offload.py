@@ -63,3 +63,47 @@ async def test_a_call_without_a_free_token_waits_for_one_then_runs() -> None:
         release.set()
     assert results == ["first", "second"]
     assert limiter.borrowed_tokens == 0
+
+
+async def test_start_hands_the_outcome_back_on_the_loop_after_the_token() -> None:
+    """offload.start (read-ahead: no task per chunk): the outcome -- value or exception --
+    arrives as a call on the event loop thread, with the token already given back."""
+    limiter = trio.CapacityLimiter(2)
+    loop_thread = threading.get_ident()
+    got: list[tuple[object, int, int]] = []
+    done = trio.Event()
+
+    def on_done(result) -> None:
+        try:
+            value: object = result.unwrap()
+        except OSError as exc:
+            value = type(exc)
+        got.append((value, threading.get_ident(), limiter.borrowed_tokens))
+        if len(got) == 2:
+            done.set()
+
+    assert offload.start(threading.get_ident, limiter, on_done)
+    assert offload.start(lambda: os.stat("/nonexistent/x"), limiter, on_done)
+    with trio.fail_after(5):
+        await done.wait()
+    values = {v for v, _, _ in got}
+    assert FileNotFoundError in values
+    idents = [v for v in values if isinstance(v, int)]
+    assert idents and idents[0] != loop_thread  # fn ran in a worker thread
+    assert all(thread == loop_thread for _, thread, _ in got)  # on_done on the loop
+    assert got[-1][2] == 0  # every token back by the time the last on_done runs
+
+
+async def test_start_refuses_without_a_free_token_and_starts_nothing() -> None:
+    limiter = trio.CapacityLimiter(1)
+    release = threading.Event()
+    ran: list[str] = []
+    results: list[object] = []
+    assert offload.start(lambda: release.wait(10), limiter, results.append)
+    assert not offload.start(lambda: ran.append("second"), limiter, results.append)
+    release.set()
+    with trio.fail_after(5):
+        while not results:
+            await trio.sleep(0.01)
+    assert ran == []  # the refused call never ran
+    assert limiter.borrowed_tokens == 0

@@ -67,3 +67,53 @@ async def test_lock_step_blocks_are_the_file_and_the_buffer_one_chunk(
         handle.close()
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
     assert seq == len(data) // blksize + 1
+
+
+@pytest.mark.parametrize("threads_free", [True, False])
+async def test_read_ahead_comes_back_whether_a_read_thread_is_free_or_not(
+        tmp_path: Path, threads_free: bool) -> None:
+    """A read-ahead takes a free read thread without a task (offload.start); when every
+    thread is busy it waits for one in a task.  Either way on_ready fires once the chunk is
+    in, and the blocks are the file's bytes."""
+    data = os.urandom(300_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    handle = FileHandle(fd, expect=(st.st_size, st.st_mtime_ns))
+    limiter = trio.CapacityLimiter(1)
+    holder = object()
+    if not threads_free:
+        limiter.acquire_on_behalf_of_nowait(holder)  # the one read thread is busy
+    source = BlockSource(handle, 1428, 64 * 1024, limiter)
+    ready = trio.Event()
+    source.on_ready = ready.set
+    got = hashlib.sha256()
+    try:
+        async with trio.open_nursery() as nursery:
+            source.start_prefetch(nursery.start_soon)
+            await trio.sleep(0.1)
+            assert ready.is_set() == threads_free
+            if not threads_free:
+                limiter.release_on_behalf_of(holder)
+            with trio.fail_after(5):
+                await ready.wait()
+            seq = 1
+            while True:
+                block = source.poll(seq)
+                if block is None:  # the next chunk is being read: on_ready says when
+                    ready = trio.Event()
+                    source.on_ready = ready.set
+                    with trio.fail_after(5):
+                        await ready.wait()
+                    continue
+                got.update(block)
+                source.release_before(seq + 1)
+                if len(block) < 1428:
+                    break
+                seq += 1
+    finally:
+        source.close()
+        handle.close()
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert limiter.borrowed_tokens == 0
