@@ -246,33 +246,34 @@ class BlockSource:
         self._scope = trio.CancelScope()
         self._spawn(self._read_ahead, read, done, self._scope)
 
-    def _read_done(self, done: trio.Event, result: outcome.Outcome[bytes]) -> None:
-        """A read-ahead finished (on the event loop): keep its data or its error."""
-        try:
-            data = result.unwrap()
-        except Exception as exc:
-            if not self._closed:
-                self._next_error = exc  # raised when the data is needed, by the pump
-        else:
-            if not self._closed:  # a read that finished as the transfer ended: drop it
-                self._next = data
+    def _read_done(self, done: trio.Event, result: outcome.Outcome[bytes] | None) -> None:
+        """A read-ahead finished (on the event loop): keep its data or its error.  ``None``:
+        the read was cancelled, so there is neither."""
+        if result is not None:
+            try:
+                data = result.unwrap()
+            except Exception as exc:
+                if not self._closed:
+                    self._next_error = exc  # raised when the data is needed, by the pump
+            else:
+                if not self._closed:  # a read that finished as the transfer ended: drop it
+                    self._next = data
         done.set()
         if self.on_ready is not None:
             self.on_ready()
 
     async def _read_ahead(self, read: Callable[[], bytes], done: trio.Event,
                           scope: trio.CancelScope) -> None:
-        with scope:
-            try:
-                data = await offload.run_sync(read, self._limiter)
-                if not self._closed:  # a read that finished as the transfer ended: drop it
-                    self._next = data
-            except Exception as exc:  # must not reach the server's nursery
-                self._next_error = exc  # raised when the data is needed, by the session
-            finally:
-                done.set()
-                if self.on_ready is not None:
-                    self.on_ready()
+        """The read-ahead when every read thread was busy: a task waits for one."""
+        result: outcome.Outcome[bytes] | None = None
+        try:
+            with scope:
+                try:
+                    result = outcome.Value(await offload.run_sync(read, self._limiter))
+                except Exception as exc:  # must not reach the server's nursery
+                    result = outcome.Error(exc)
+        finally:
+            self._read_done(done, result)
 
     def poll(self, seq: int) -> bytes | None:
         """Block ``seq`` if it can be had without waiting, else None -- and then a read is in

@@ -38,6 +38,29 @@ class _Borrower:
     __slots__ = ()
 
 
+def _in_thread(fn: Callable[[], T], limiter: trio.CapacityLimiter, borrower: _Borrower,
+               back: Callable[[outcome.Outcome[T]], None]) -> None:
+    """Run ``fn()`` in a worker thread on ``borrower``'s token (already taken); ``back`` gets
+    the outcome on the event loop once the token is given back.  The one home of the hop
+    both calls below make."""
+    token = trio.lowlevel.current_trio_token()
+
+    def on_loop(result: outcome.Outcome[T]) -> None:
+        limiter.release_on_behalf_of(borrower)
+        back(result)
+
+    def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
+        # A loop that is gone has nobody waiting for this result any more.
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(on_loop, result)
+
+    try:
+        trio.lowlevel.start_thread_soon(fn, deliver)
+    except BaseException:
+        limiter.release_on_behalf_of(borrower)
+        raise
+
+
 async def run_sync(fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
     """``fn()`` in a worker thread under ``limiter``; its result or its exception."""
     borrower = _Borrower()
@@ -48,24 +71,13 @@ async def run_sync(fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
     except trio.WouldBlock:
         await limiter.acquire_on_behalf_of(borrower)
     task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
     abandoned = False
 
-    def back(result: outcome.Outcome[T]) -> None:  # on the event loop
-        limiter.release_on_behalf_of(borrower)
+    def back(result: outcome.Outcome[T]) -> None:
         if not abandoned:
             trio.lowlevel.reschedule(task, result)
 
-    def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
-        # A loop that is gone has nobody waiting for this result any more.
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(back, result)
-
-    try:
-        trio.lowlevel.start_thread_soon(fn, deliver)
-    except BaseException:
-        limiter.release_on_behalf_of(borrower)
-        raise
+    _in_thread(fn, limiter, borrower, back)
 
     def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
         nonlocal abandoned
@@ -87,19 +99,5 @@ def start(fn: Callable[[], T], limiter: trio.CapacityLimiter,
         limiter.acquire_on_behalf_of_nowait(borrower)
     except trio.WouldBlock:
         return False
-    token = trio.lowlevel.current_trio_token()
-
-    def back(result: outcome.Outcome[T]) -> None:  # on the event loop
-        limiter.release_on_behalf_of(borrower)
-        on_done(result)
-
-    def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(back, result)
-
-    try:
-        trio.lowlevel.start_thread_soon(fn, deliver)
-    except BaseException:
-        limiter.release_on_behalf_of(borrower)
-        raise
+    _in_thread(fn, limiter, borrower, on_done)
     return True
