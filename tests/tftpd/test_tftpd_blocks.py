@@ -14,6 +14,15 @@ import trio
 from tftpd.blocks import BlockSource, FileHandle, chunk_size
 
 
+def _handle_on(tmp_path: Path, data: bytes) -> FileHandle:
+    """A FileHandle, checked against its size and mtime at open, on a file holding ``data``."""
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    return FileHandle(fd, expect=(st.st_size, st.st_mtime_ns))
+
+
 @pytest.mark.parametrize("blksize", [512, 1428, 1468, 8192])
 def test_chunks_are_whole_blocks_of_at_least_the_read_ahead(blksize: int) -> None:
     size = chunk_size(256 * 1024, blksize)
@@ -42,11 +51,7 @@ def test_chunks_stay_whole_blocks_where_whole_windows_would_cut_them_short() -> 
 async def test_lock_step_blocks_are_the_file_and_the_buffer_one_chunk(
         tmp_path: Path, blksize: int) -> None:
     data = os.urandom(200_000)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    st = os.fstat(fd)
-    handle = FileHandle(fd, expect=(st.st_size, st.st_mtime_ns))
+    handle = _handle_on(tmp_path, data)
     # 50,000 bytes of read-ahead: more than 32 blocks, and a whole number of neither size.
     source = BlockSource(handle, blksize, 50_000, trio.CapacityLimiter(2))
     chunk = chunk_size(50_000, blksize)
@@ -76,11 +81,7 @@ async def test_read_ahead_comes_back_whether_a_read_thread_is_free_or_not(
     thread is busy it waits for one in a task.  Either way on_ready fires once the chunk is
     in, and the blocks are the file's bytes."""
     data = os.urandom(300_000)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    st = os.fstat(fd)
-    handle = FileHandle(fd, expect=(st.st_size, st.st_mtime_ns))
+    handle = _handle_on(tmp_path, data)
     limiter = trio.CapacityLimiter(1)
     holder = object()
     if not threads_free:
