@@ -22,6 +22,8 @@ from vfsroot.fileio import pread_exact
 
 from . import offload
 from .netascii import encode as netascii_encode
+from .packets import OP_DATA as _OP_DATA
+from .packets import pack_header as _pack_header
 
 
 class FileChanged(OSError):
@@ -155,6 +157,9 @@ class BlockSource:
         self._limiter = limiter
         self._netascii = netascii
         self._buf = b""
+        #: ``self._buf`` as a memoryview: blocks are handed out as views of it, not copies
+        #: (a block is sent at once, so nobody holds a view of an old chunk for long).
+        self._view = memoryview(self._buf)
         self._buf_off = 0  # stream offset of self._buf[0]
         self._raw_off = 0  # next file offset to read
         self._eof = False
@@ -172,6 +177,7 @@ class BlockSource:
         self.acked: Callable[[], int] | None = None
         if whole_file is not None:  # read together with the open (small files)
             self._buf = netascii_encode(whole_file) if netascii else whole_file
+            self._view = memoryview(self._buf)
             self._raw_off = len(whole_file)
             self._eof = True
 
@@ -191,7 +197,7 @@ class BlockSource:
             return None
         end = i + self._blksize
         if end <= len(self._buf) or self._eof:
-            return self._buf[i:end]
+            return self._view[i:end]
         return None
 
     async def block(self, seq: int) -> bytes:
@@ -203,7 +209,7 @@ class BlockSource:
         i = start - self._buf_off
         if i < 0:
             raise RuntimeError(f"block {seq} was released before it was acknowledged")
-        return self._buf[i : i + self._blksize]
+        return self._view[i : i + self._blksize]
 
     def start_prefetch(self, spawn: Callable[..., object]) -> None:
         """Read the next chunk in the background from now on (double buffering): a thread hop
@@ -228,6 +234,7 @@ class BlockSource:
         if self._scope is not None:
             self._scope.cancel()
         self._buf = b""
+        self._view = memoryview(self._buf)
         self._next = None
         self._next_error = None
         self.on_ready = None
@@ -283,7 +290,7 @@ class BlockSource:
         if i >= 0:  # the hot path, inlined peek()
             end = i + self._blksize
             if end <= len(self._buf) or self._eof:
-                return self._buf[i:end]
+                return self._view[i:end]
         data = self.peek(seq)
         while data is None:
             pending = self._pending
@@ -293,6 +300,44 @@ class BlockSource:
             self._take_prefetched()
             data = self.peek(seq)
         return data
+
+    def gather(self, first: int, last: int, parts: list[bytes | memoryview]) -> bool:
+        """Append ``header, payload`` of blocks ``first..last`` to ``parts`` -- a window for
+        one ``sendmsg`` -- as far as they are read, like :meth:`poll` for each block but
+        with one call per window: the payloads are views of the buffer.  Returns True if the
+        short last block of the file is among them (it is then the last one appended).
+        A block not read yet ends the run (``on_ready`` is called when it is)."""
+        blksize = self._blksize
+        header = _pack_header
+        seq = first
+        while seq <= last:
+            i = (seq - 1) * blksize - self._buf_off
+            end = i + blksize
+            size = len(self._buf)
+            if i < 0 or (end > size and not self._eof):  # another chunk: poll's way
+                data = self.poll(seq)
+                if data is None:
+                    return False
+                parts.append(header(_OP_DATA, seq & 0xFFFF))
+                parts.append(data)
+                if len(data) < blksize:
+                    return True
+                seq += 1
+                continue
+            view = self._view
+            while True:  # blocks inside this buffer
+                parts.append(header(_OP_DATA, seq & 0xFFFF))
+                parts.append(view[i:end])
+                if end > size:  # the end of the file: this block is short (maybe empty)
+                    return True
+                seq += 1
+                if seq > last:
+                    return False
+                i = end
+                end += blksize
+                if end > size and not self._eof:
+                    break
+        return False
 
     async def _fill(self, end: int) -> None:
         if self._spawn is not None:
@@ -326,4 +371,5 @@ class BlockSource:
             data = netascii_encode(data)
         drop = max(0, min(self._keep_off, self._buf_off + len(self._buf)) - self._buf_off)
         self._buf = self._buf[drop:] + data if drop or self._buf else data
+        self._view = memoryview(self._buf)
         self._buf_off += drop

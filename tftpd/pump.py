@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import heapq
 import itertools
 import logging
@@ -62,6 +63,12 @@ _OP_ACK = packets.OP_ACK
 _EPOLLOUT = select.EPOLLOUT
 _ERRORS = select.EPOLLERR | select.EPOLLHUP
 _READABLE = _EPOLLIN | _ERRORS
+
+
+@functools.lru_cache(maxsize=64)
+def _gso_option(seg: int) -> tuple[tuple[int, int, bytes], ...]:
+    """The ``UDP_SEGMENT`` control message for datagrams of ``seg`` bytes (one per blksize)."""
+    return ((SOL_UDP, UDP_SEGMENT, struct.pack("H", seg)),)
 
 
 class PeerGone(Exception):
@@ -383,7 +390,8 @@ class Pump:
                 except OSError as exc:
                     raise PeerGone(os.strerror(exc.errno or 0)) from None
                 if len(data) >= 4 and data[1] == _OP_ACK and data[0] == 0:
-                    due = sender.on_ack((data[2] << 8) | data[3], now)
+                    block = (data[2] << 8) | data[3]
+                    due = sender.on_ack(block, now)
                     if due is None and sender.outcome is not None:
                         self._finish(t)
                         return
@@ -470,20 +478,11 @@ class Pump:
                 t.final_len = len(data)
             sender.sent(first, first, now, final=len(data) < blksize)
             return
-        poll = source.poll
-        # [header, payload, header, payload, ...]: a GSO buffer is one join of these, no
-        # intermediate copy per datagram.
-        parts: list[bytes] = []
-        final = False
-        for seq in range(first, last + 1):
-            data = poll(seq)
-            if data is None:
-                break  # on_ready brings us back
-            parts.append(_pack_header(_OP_DATA, seq & 0xFFFF))
-            parts.append(data)
-            if len(data) < blksize:
-                final = True
-                break
+        # [header, payload, header, payload, ...]: a GSO send hands these to the kernel as
+        # they are (payloads are views of the read-ahead buffer).  Blocks not read yet are
+        # left out: on_ready brings us back for them.
+        parts: list[bytes | memoryview] = []
+        final = source.gather(first, last, parts)
         n = len(parts) // 2
         if not n:
             return
@@ -494,7 +493,7 @@ class Pump:
                 t.final_len = len(parts[-1])
             sender.sent(first, first + sent - 1, now, final=final and sent == n)
 
-    def _send(self, t: Transfer, parts: list[bytes], seg: int) -> int:
+    def _send(self, t: Transfer, parts: list[bytes | memoryview], seg: int) -> int:
         """Put the datagrams ``parts[2i] + parts[2i + 1]`` on the wire (all but the last
         ``seg`` bytes long); returns how many went (the rest when writable)."""
         sock = t.sock
@@ -503,11 +502,13 @@ class Pump:
         if t.gso and n > 1:
             per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg)
             if per > 1:
-                opt = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg))]
+                opt = _gso_option(seg)
                 while n - i > 1:
                     k = min(per, n - i)
                     try:
-                        sock.sendmsg([b"".join(parts[2 * i:2 * (i + k)])], opt)
+                        # Gathered by the kernel from the headers and the views of the
+                        # read-ahead buffer: no copy of the window in Python.
+                        sock.sendmsg(parts if k == n else parts[2 * i:2 * (i + k)], opt)
                     except BlockingIOError:
                         self._want_write(t)
                         return i

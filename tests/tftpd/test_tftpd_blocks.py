@@ -5,11 +5,15 @@ blocks are the file's bytes whatever the block size."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import random
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tftpd.blocks import BlockSource, FileHandle, chunk_size
 
@@ -118,3 +122,79 @@ async def test_read_ahead_comes_back_whether_a_read_thread_is_free_or_not(
         handle.close()
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
     assert limiter.borrowed_tokens == 0
+
+
+def _expected_frames(data: bytes, blksize: int, first: int, last: int) -> list[bytes]:
+    """What a window of blocks ``first..last`` is on the wire, from the file's bytes."""
+    frames = []
+    for seq in range(first, last + 1):
+        payload = data[(seq - 1) * blksize:seq * blksize]
+        frames.append(bytes([0, 3, (seq >> 8) & 0xFF, seq & 0xFF]) + payload)
+        if len(payload) < blksize:
+            break
+    return frames
+
+
+def _frames(parts: list) -> list[bytes]:
+    return [bytes(parts[i]) + bytes(parts[i + 1]) for i in range(0, len(parts), 2)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(0, 9000), blksize=st.sampled_from([8, 512, 1428]),
+       windows=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 16)), max_size=12))
+def test_gather_is_poll_block_by_block(size: int, blksize: int,
+                                       windows: list[tuple[int, int]]) -> None:
+    """A window gathered in one call is the same headers and payloads as polling each block
+    (wherever it starts: block 1, mid-file, at or past the short last block)."""
+    data = bytes(random.Random(size).randrange(256) for _ in range(size))
+    source = BlockSource(None, blksize, 4096, trio.CapacityLimiter(1), whole_file=data)
+    n_blocks = size // blksize + 1
+    for first, width in windows:
+        first = min(first, n_blocks)
+        last = first + width - 1
+        parts: list = []
+        final = source.gather(first, last, parts)
+        want = _expected_frames(data, blksize, first, last)
+        assert _frames(parts) == want
+        assert final == (len(want[-1]) - 4 < blksize)
+
+
+@pytest.mark.parametrize("windowsize", [4, 16])
+async def test_gathered_windows_across_read_ahead_chunks_are_the_file(
+        tmp_path: Path, windowsize: int) -> None:
+    """Windows gathered from a file read ahead in chunks (windows of several widths, so some
+    straddle two chunks and some wait for the next one) are the file's bytes, and the last
+    block ends the transfer."""
+    data = os.urandom(150_000)
+    handle = _handle_on(tmp_path, data)
+    blksize = 1000
+    source = BlockSource(handle, blksize, 20_000, trio.CapacityLimiter(2),
+                         windowsize=windowsize)
+    ready = trio.Event()
+    source.on_ready = ready.set
+    got = []
+    try:
+        async with trio.open_nursery() as nursery:
+            source.start_prefetch(nursery.start_soon)
+            first = 1
+            widths = itertools.cycle([windowsize, 5, windowsize, 3])  # straddle chunk ends
+            width = next(widths)
+            while True:
+                parts: list = []
+                final = source.gather(first, first + width - 1, parts)
+                frames = _frames(parts)
+                got += frames
+                first += len(frames)
+                source.release_before(first)  # the window is acknowledged
+                width = next(widths)
+                if final:
+                    break
+                if not frames:  # the next chunk is being read: on_ready says when
+                    with trio.fail_after(5):
+                        await ready.wait()
+                    ready = trio.Event()
+                    source.on_ready = ready.set
+    finally:
+        source.close()
+        handle.close()
+    assert got == _expected_frames(data, blksize, 1, len(data) // blksize + 1)
