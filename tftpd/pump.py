@@ -101,7 +101,7 @@ class Transfer:
         return sender.sent_upto * self.blksize
 
     __slots__ = ("sock", "fd", "sender", "source", "blksize", "gso", "final_len", "done",
-                 "error", "finished", "timer_at", "want_write", "ignored")
+                 "error", "finished", "timer_at", "want_write", "ignored", "lockstep")
 
     def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
                  gso: bool) -> None:
@@ -118,6 +118,8 @@ class Transfer:
         self.timer_at: float | None = None
         self.want_write = False
         self.ignored = 0  # datagrams that were neither ACK nor ERROR
+        #: RFC 1350 lock-step (windowsize 1): every ACK takes the pump's fast lane.
+        self.lockstep = sender.windowsize == 1
 
 
 class Pump:
@@ -391,6 +393,32 @@ class Pump:
                     raise PeerGone(os.strerror(exc.errno or 0)) from None
                 if len(data) >= 4 and data[1] == _OP_ACK and data[0] == 0:
                     block = (data[2] << 8) | data[3]
+                    if t.lockstep and not t.want_write and sender.ack_send(block, now):
+                        # Lock-step's common case, one Sender call: this ACK is for the
+                        # newest block and the next one goes out now.  (The ACK is taken
+                        # first: a read-ahead chunk appended by ``poll`` then drops every
+                        # acknowledged block instead of copying the last one along.)
+                        seq = sender.sent_upto
+                        payload = t.source.poll(seq)
+                        if payload is None:  # not read yet: on_ready brings us back
+                            sender.unsent(seq)
+                            return
+                        try:
+                            t.sock.send(_pack_header(_OP_DATA, seq & 0xFFFF) + payload)
+                        except BlockingIOError:
+                            sender.unsent(seq)
+                            self._want_write(t)
+                            return
+                        except OSError as exc:
+                            if exc.errno != errno.ENOBUFS:
+                                raise PeerGone(os.strerror(exc.errno or 0)) from None
+                        self.datagrams += 1
+                        if len(payload) < t.blksize:
+                            t.final_len = len(payload)
+                            sender.sent_final(seq)
+                        if t.timer_at is None:
+                            self._schedule(t)
+                        return
                     due = sender.on_ack(block, now)
                     if due is None and sender.outcome is not None:
                         self._finish(t)

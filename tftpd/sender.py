@@ -179,6 +179,55 @@ class Sender:
         self.ack(block, now)
         return self.to_send()
 
+    def ack_send(self, block: int, now: float) -> bool:
+        """Lock-step's common case in one call: the ACK of the newest block sent, and the next
+        block (``sent_upto + 1`` after the call) goes out now.  Exactly :meth:`on_ack`
+        followed by :meth:`sent` of that block; if it turns out to be the short last one the
+        driver says so with :meth:`sent_final`.
+
+        Returns False, having changed nothing, when this is not that case (a window, the ACK
+        of the final block, a duplicate, a stale ACK ...): the driver then takes the general
+        path (:meth:`on_ack`).  Returns True when the block is recorded as sent: the driver
+        must send it, or call :meth:`unsent` if it could not (not read yet, socket full).
+
+        Why a call of its own: in a boot storm this runs once per DATA packet of every
+        lock-step transfer, and two calls touching the same state were a large share of the
+        pump's Python per packet.
+        """
+        upto = self.sent_upto
+        if (block != upto & 0xFFFF or self.windowsize != 1 or upto < self.base
+                or self.final is not None or self.outcome is not None):
+            return False
+        if self._window_clean:
+            sample = now - self._last_tx
+            old = self.srtt
+            self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
+        seq = upto + 1
+        self.base = self.sent_upto = seq
+        self.resend_from = seq + 1
+        self._tries = 0
+        self._window_clean = True
+        self._window_sent_at = self._last_tx = now
+        self.deadline = now + self.rto
+        self.counters.blocks += 1
+        return True
+
+    def sent_final(self, seq: int) -> None:
+        """Block ``seq``, just recorded by :meth:`ack_send`, is the short last one."""
+        if seq != self.sent_upto or self.final is not None:
+            raise ValueError(f"block {seq} is not the one ack_send recorded")
+        self.final = seq
+
+    def unsent(self, seq: int) -> None:
+        """Block ``seq``, recorded as sent by :meth:`ack_send`, did not go out: it is due
+        again, and nothing is in flight (the state :meth:`on_ack` alone leaves)."""
+        if seq != self.sent_upto or seq != self.base or self.final is not None:
+            raise ValueError(f"block {seq} is not the one ack_send recorded")
+        self.sent_upto = seq - 1
+        self.resend_from = seq
+        self.counters.blocks -= 1
+        self.deadline = None
+
     def ack(self, block: int, now: float) -> str:
         """An ACK with wire block number ``block`` arrived at ``now``."""
         if self.outcome is not None:

@@ -7,6 +7,7 @@ what ``to_send`` says (the last block is short), feed ACKs and timeouts back.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import random
 
@@ -328,3 +329,78 @@ def test_a_dead_client_times_out_after_the_budget() -> None:
     assert s.outcome == "timeout"
     assert datagrams == 4 * 6  # the first window and five retransmissions of it
     assert r.got == []
+
+
+# -- the lock-step fast path: one call for the common ACK ---------------------------------------
+
+def _state(s: Sender) -> dict[str, object]:
+    state = {name: getattr(s, name) for name in Sender.__slots__ if name != "counters"}
+    state["counters"] = vars(s.counters).copy()
+    return state
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(-2, 1), st.booleans(), st.booleans(),
+                                st.floats(0.0, 0.05)), max_size=80),
+       start=st.sampled_from([1, 65530]))
+def test_ack_send_is_on_ack_then_sent_of_the_next_block(
+        steps: list[tuple[int, bool, bool, float]], start: int) -> None:
+    """Whatever the ACK (the newest block's, a duplicate, a stale one, one from the future,
+    across the 16-bit wrap), ``ack_send`` either leaves the sender untouched or ends in the
+    state ``on_ack`` + ``sent`` of the next block gives; ``unsent`` then makes that block due
+    again with nothing in flight, as ``on_ack`` alone left it."""
+    s = Sender(1, rto=1.0, retries=3)
+    now = 0.0
+    for seq in range(1, start + 1):  # get near the wrap quickly when asked
+        s.sent(seq, seq, now)
+        if seq < start:
+            s.on_ack(seq & 0xFFFF, now)
+    for delta, final, undo, dt in steps:
+        if s.outcome is not None:
+            break
+        now += dt
+        block = (s.sent_upto + delta) & 0xFFFF
+        fused = copy.deepcopy(s)
+        before = _state(s)
+        took = fused.ack_send(block, now)
+        due = s.on_ack(block, now)
+        if not took:
+            assert _state(fused) == before
+            if due is not None:  # the general path: whatever is due goes out
+                s.sent(due[0], due[0], now, final=final)
+            continue
+        seq = fused.sent_upto
+        assert due == (seq, seq)
+        if final and not undo:
+            fused.sent_final(seq)
+        if undo:
+            acked_only = _state(s)
+            fused.unsent(seq)
+            got = _state(fused)
+            for name in ("_window_sent_at", "_last_tx"):  # overwritten by the next send
+                del got[name], acked_only[name]
+            assert got == acked_only
+            assert fused.to_send() == (seq, seq) and fused.deadline is None
+        s.sent(seq, seq, now, final=final)
+        if not undo:
+            assert _state(fused) == _state(s)
+
+
+def test_ack_send_leaves_windows_to_the_general_path() -> None:
+    s = Sender(4, rto=1.0, retries=3)
+    s.sent(1, 4, 0.0)
+    assert not s.ack_send(4, 0.001)
+    assert s.base == 1 and s.sent_upto == 4  # untouched
+
+
+def test_unsent_refuses_a_block_ack_send_did_not_record() -> None:
+    s = Sender(1, rto=1.0, retries=3)
+    s.sent(1, 1, 0.0)
+    assert s.ack_send(1, 0.001)
+    with pytest.raises(ValueError):
+        s.unsent(1)
+    with pytest.raises(ValueError):
+        s.sent_final(1)
+    s.sent_final(2)
+    with pytest.raises(ValueError):
+        s.unsent(2)  # the last block went out: nothing to take back
