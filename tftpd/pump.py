@@ -372,8 +372,10 @@ class Pump:
     def _event(self, t: Transfer, now: float, ev: int) -> None:
         """A socket is ready: take one datagram, feed it to the sender, send what is due.
 
-        The hot path of every transfer (one call per ACK), so the common case -- an ACK --
-        is handled inline; epoll is level-triggered, so a socket with more datagrams queued
+        The hot path of every transfer (one call per ACK), so lock-step's common case -- the
+        ACK of the newest block, and the next block goes out -- is handled inline with one
+        Sender call (``ack_send``); any other ACK goes through ``on_ack`` and
+        :meth:`_transmit`.  epoll is level-triggered, so a socket with more datagrams queued
         is simply reported again in the next pass (fair to the others, and no ``recv`` that
         fails with EAGAIN, an exception per packet, in lock-step where one ACK is all there
         is).
@@ -430,26 +432,7 @@ class Pump:
             else:
                 due = sender.to_send()
             if due is not None and not t.want_write:
-                first = due[0]
-                if first == due[1]:  # lock-step (or one block due): inlined _transmit
-                    data = t.source.poll(first)
-                    if data is not None:
-                        try:
-                            t.sock.send(_pack_header(_OP_DATA, first & 0xFFFF) + data)
-                        except BlockingIOError:
-                            self._want_write(t)
-                            return
-                        except OSError as exc:
-                            if exc.errno != errno.ENOBUFS:
-                                raise PeerGone(os.strerror(exc.errno or 0)) from None
-                        self.datagrams += 1
-                        if len(data) < t.blksize:
-                            t.final_len = len(data)
-                            sender.sent(first, first, now, final=True)
-                        else:
-                            sender.sent(first, first, now)
-                else:
-                    self._transmit(t, due, now)
+                self._transmit(t, due, now)
         except Exception as exc:
             self._fail(t, exc)
             return
