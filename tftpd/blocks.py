@@ -189,8 +189,10 @@ class BlockSource:
         """Blocks before ``seq`` are acknowledged and will not be asked again."""
         self._keep_off = (seq - 1) * self._blksize
 
-    def peek(self, seq: int) -> bytes | None:
-        """Block ``seq`` if it is already read (the hot path: no coroutine), else None."""
+    def peek(self, seq: int) -> memoryview | None:
+        """Block ``seq`` if it is already read (the hot path: no coroutine), else None.
+        Blocks are views of the buffer: one kept pins its whole chunk in memory, so send it
+        and let it go."""
         start = (seq - 1) * self._blksize
         i = start - self._buf_off
         if i < 0:
@@ -200,7 +202,7 @@ class BlockSource:
             return self._view[i:end]
         return None
 
-    async def block(self, seq: int) -> bytes:
+    async def block(self, seq: int) -> memoryview:
         """Payload of block ``seq`` (1-based); shorter than blksize only for the last block."""
         start = (seq - 1) * self._blksize
         end = start + self._blksize
@@ -282,7 +284,7 @@ class BlockSource:
         finally:
             self._read_done(done, result)
 
-    def poll(self, seq: int) -> bytes | None:
+    def poll(self, seq: int) -> memoryview | None:
         """Block ``seq`` if it can be had without waiting, else None -- and then a read is in
         flight and ``on_ready`` will be called when it is done (the pump's path).  Raises the
         read's ``OSError`` if the read behind this block failed."""
