@@ -159,6 +159,13 @@ class Sender:
 
     # -- events ----------------------------------------------------------------------------
 
+    def _rtt_sample(self, now: float) -> None:
+        """The newest block sent was acknowledged at ``now`` and nothing of its window was
+        resent (Karn's rule, checked by the callers): fold the round trip into ``srtt``."""
+        sample = now - self._last_tx
+        old = self.srtt
+        self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
+
     def on_ack(self, block: int, now: float) -> tuple[int, int] | None:
         """:meth:`ack` then :meth:`to_send`, with the common case inlined: the ACK of the
         newest block sent, which acknowledges the whole window (every lock-step ACK)."""
@@ -167,9 +174,7 @@ class Sender:
                 and self.outcome is None):
             # ``upto - (base - 1)`` is in 1..windowsize, so this wire number maps to ``upto``.
             if self._window_clean:
-                sample = now - self._last_tx
-                old = self.srtt
-                self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
+                self._rtt_sample(now)
             base = upto + 1
             self.base = self.resend_from = base
             self._tries = 0
@@ -199,9 +204,7 @@ class Sender:
                 or self.final is not None or self.outcome is not None):
             return False
         if self._window_clean:
-            sample = now - self._last_tx
-            old = self.srtt
-            self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
+            self._rtt_sample(now)
         seq = upto + 1
         self.base = self.sent_upto = seq
         self.resend_from = seq + 1
@@ -245,9 +248,7 @@ class Sender:
             return IGNORED
         # seq >= base: new data acknowledged.
         if self._window_clean and seq == self.sent_upto:
-            sample = now - self._last_tx
-            old = self.srtt
-            self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
+            self._rtt_sample(now)
         if self.final is not None and seq == self.final:
             self.base = seq + 1
             self.outcome = "ok"
