@@ -405,15 +405,10 @@ class Pump:
                         if payload is None:  # not read yet: on_ready brings us back
                             sender.unsent(seq)
                             return
-                        try:
-                            t.sock.send(_pack_header(_OP_DATA, seq & 0xFFFF) + payload)
-                        except BlockingIOError:
+                        if not self._send_datagram(
+                                t, _pack_header(_OP_DATA, seq & 0xFFFF) + payload):
                             sender.unsent(seq)
-                            self._want_write(t)
                             return
-                        except OSError as exc:
-                            if exc.errno != errno.ENOBUFS:
-                                raise PeerGone(os.strerror(exc.errno or 0)) from None
                         self.datagrams += 1
                         if len(payload) < t.blksize:
                             t.final_len = len(payload)
@@ -476,14 +471,8 @@ class Pump:
             data = source.poll(first)
             if data is None:
                 return
-            try:
-                t.sock.send(_pack_header(_OP_DATA, first & 0xFFFF) + data)
-            except BlockingIOError:
-                self._want_write(t)
+            if not self._send_datagram(t, _pack_header(_OP_DATA, first & 0xFFFF) + data):
                 return
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:  # ENOBUFS: dropped locally, like a lost packet
-                    raise PeerGone(os.strerror(exc.errno or 0)) from None
             self.datagrams += 1
             if len(data) < blksize:
                 t.final_len = len(data)
@@ -537,18 +526,25 @@ class Pump:
                         break
                     self.gso_sends += 1
                     i += k
-        send = sock.send
         while i < n:
-            try:
-                send(parts[2 * i] + parts[2 * i + 1])
-            except BlockingIOError:
-                self._want_write(t)
+            if not self._send_datagram(t, parts[2 * i] + parts[2 * i + 1]):
                 return i
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise PeerGone(os.strerror(exc.errno or 0)) from None
             i += 1
         return n
+
+    def _send_datagram(self, t: Transfer, packet: bytes) -> bool:
+        """One datagram on ``t``'s socket; False when its buffer is full (``t`` then waits to
+        be writable).  ENOBUFS counts as sent: dropped locally, like a packet lost on the
+        way, and the retransmission timer recovers it.  Any other error: the client is gone."""
+        try:
+            t.sock.send(packet)
+        except BlockingIOError:
+            self._want_write(t)
+            return False
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise PeerGone(os.strerror(exc.errno or 0)) from None
+        return True
 
     def _want_write(self, t: Transfer) -> None:
         t.want_write = True
