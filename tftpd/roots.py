@@ -92,6 +92,10 @@ class ClientRoots:
             return self._root_text
         return _client_directory(self._root_text, client_ip)
 
+    def path_of(self, client_ip: str, relpath: str) -> str:
+        """The path :meth:`open` opens for ``client_ip`` and ``relpath`` (normalised)."""
+        return f"{self._directory(client_ip)}/{relpath}"
+
     def open(self, client_ip: str, relpath: str) -> OpenedFile:
         """Open ``relpath`` (already normalised by :mod:`tftpd.paths`) for ``client_ip``.
 

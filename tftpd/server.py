@@ -33,6 +33,7 @@ from vfsroot.defaults import DEFAULT_MOUNT
 
 from . import packets
 from .limits import BUSY, PER_IP, SessionLimits
+from .opener import OpenerPool
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
 from .pump import Pump
 from .roots import ClientRoots, normalise_ip
@@ -269,6 +270,8 @@ class TftpServer:
         self.on_transfer: Callable[[SessionResult], None] | None = None
         #: The DATA-phase pump while :meth:`run` runs (its counters: batches, GSO sends).
         self.pump: Pump | None = None
+        #: The helper processes that open request files while :meth:`run` runs.
+        self.opener: OpenerPool | None = None
 
     def share_limits(self, limits: SessionLimits) -> None:
         """Use ``limits`` (created before the workers were forked) instead of our own, so the
@@ -415,9 +418,11 @@ class TftpServer:
         self.pump = pump = Pump(spin_seconds=policy.spin_seconds,
                                 spin_max_sessions=policy.spin_max_sessions,
                                 active=lambda: self.stats.active)
+        self.opener = opener = OpenerPool(self._roots, self._limiter)
+        opener.start()
         ctx = SessionContext(
             roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
-            active=lambda: self.stats.active,
+            active=lambda: self.stats.active, opener=opener,
         )
         buckets = _TokenBucket(self.config.error_replies_per_second)
         try:
@@ -457,6 +462,7 @@ class TftpServer:
             for sock in listeners:
                 sock.close()
             pump.close()
+            opener.close()
         counters = " ".join(f"{k}={v}" for k, v in self.stats.as_dict().items())
         log.info("stopped%s stats=%s",
                  f" worker={self.config.worker}" if self.config.worker else "", counters)

@@ -31,6 +31,7 @@ import trio
 
 from . import netascii, offload, packets
 from .blocks import BlockSource, FileHandle, chunk_size
+from .opener import OpenerPool
 from .options import Negotiated, TransferPolicy, negotiate
 from .packets import (
     ERR_ACCESS_VIOLATION,
@@ -95,6 +96,8 @@ class SessionContext:
     active: Callable[[], int] = lambda: 1
     #: Starts a background task (read-ahead) in the server's nursery; None: no read-ahead task.
     spawn: Callable[..., object] | None = None
+    #: Opens request files in helper processes; None: in worker threads.
+    opener: OpenerPool | None = None
 
 
 class Session:
@@ -223,15 +226,19 @@ class Session:
         self.send_error_nowait(code, message)
 
     async def _open(self, relpath: str, small: int) -> tuple[OpenedFile, bytes | None]:
-        """Open in a worker thread without leaking the fd if we stop waiting for it.
+        """Open in a helper process (tftpd/opener.py), or where none can be started in a
+        worker thread without leaking the fd if we stop waiting for it.
 
         A file of at most ``small`` bytes (configs, pxelinux.cfg/*: most requests) is read in
-        the same thread call, saving the second thread hop that dominates small requests.
+        the same call, saving the second hop that would dominate small requests.
         """
+        opener = self._ctx.opener
+        if opener is not None and opener.available:
+            return await opener.open(self.result.client, relpath, small)
         lock = threading.Lock()
         state: dict[str, object] = {"abandoned": False}
 
-        def opener() -> tuple[OpenedFile, bytes | None]:
+        def in_thread() -> tuple[OpenedFile, bytes | None]:
             opened = self._ctx.roots.open(self.result.client, relpath)
             data = None
             try:
@@ -252,7 +259,7 @@ class Session:
             return opened, data
 
         try:
-            return await offload.run_sync(opener, self._ctx.limiter)
+            return await offload.run_sync(in_thread, self._ctx.limiter)
         except trio.Cancelled:
             with lock:
                 state["abandoned"] = True
