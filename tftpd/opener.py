@@ -17,13 +17,15 @@ A helper whose request was abandoned (the session was cancelled: shutdown, or th
 time limit) is killed: its answer, whenever it comes, would be for nobody, and a process
 stuck in a FUSE request ends on SIGKILL.  A helper that died is replaced on the next request;
 the request it was serving ends as a read error.  When helpers cannot be started at all
-(no interpreter to run: an embedding application), :attr:`OpenerPool.available` is False
-and the session opens in a worker thread as before.
+(no interpreter to run, or a new helper dies before its first answer: a broken
+installation), :attr:`OpenerPool.available` turns False with one warning and the sessions
+open in worker threads as before.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
@@ -66,6 +68,12 @@ class _Helper:
 
     sock: socket.socket
     proc: subprocess.Popen[bytes]
+    #: Requests answered: a helper that dies before its first answer cannot run here.
+    answered: int = 0
+
+
+class OpenerUnavailable(Exception):
+    """No helper can run here (no interpreter, a broken installation): open in a thread."""
 
 
 class _Borrower:
@@ -98,14 +106,25 @@ class OpenerPool:
         """Start the first helper now, so the first request does not wait for an interpreter
         to start (it does not wait anyway: its request waits in the socket meanwhile)."""
         if not self._idle and not self._live:
-            try:
+            with contextlib.suppress(OpenerUnavailable):  # _spawn said so in the log
                 self._idle.append(self._spawn())
-            except OSError as exc:
-                self.available = False
-                log.warning("cannot start a file opener process (%s): opening files in "
-                            "worker threads", exc.strerror or exc)
+
+    def _give_up(self, why: str) -> OpenerUnavailable:
+        """Helpers cannot run here: say so once; from now on the sessions open in threads."""
+        if self.available:
+            self.available = False
+            log.warning("file opener processes unavailable (%s): opening files in worker "
+                        "threads", why)
+        return OpenerUnavailable(why)
 
     def _spawn(self) -> _Helper:
+        try:
+            return self._start_helper()
+        except OSError as exc:
+            raise self._give_up(f"cannot start {sys.executable}: {exc.strerror or exc}"
+                                ) from None
+
+    def _start_helper(self) -> _Helper:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # The sender's buffer bounds one message: a whole small file plus the header.
@@ -179,8 +198,10 @@ class OpenerPool:
         """:meth:`ClientRoots.open` for ``client``, plus the file's bytes when it is at most
         ``small`` bytes long (then the returned descriptor is already closed: -1).
 
-        Raises :class:`OpenRefused` like :meth:`ClientRoots.open`, and :class:`OSError` when
-        the file could not be read or the helper died.
+        Raises :class:`OpenRefused` like :meth:`ClientRoots.open`, :class:`OSError` when
+        the file could not be read or helpers died twice in a row, and
+        :class:`OpenerUnavailable` when helpers cannot run at all (then :attr:`available`
+        is False: the caller opens in a worker thread, now and from then on).
         """
         borrower = _Borrower()
         try:
@@ -199,9 +220,16 @@ class OpenerPool:
                     self._discard(helper)
                     raise
                 if reply is not None:
+                    helper.answered += 1
                     self._checkin(helper)
                     break
+                status = _exit_status(helper.proc)
                 self._discard(helper)
+                if not helper.answered and status is not None and status > 0:
+                    # Exited with an error before its first answer: the interpreter or the
+                    # package is broken, and every helper would die the same way.  (One
+                    # killed by a signal -- the OOM killer, an operator -- is just replaced.)
+                    raise self._give_up(f"a new one exited with status {status}")
                 if attempt == 2:
                     raise OSError(errno.EIO, "file opener process exited")
         finally:
@@ -246,3 +274,12 @@ class OpenerPool:
             raise OSError(a, message)
         raise OSError(errno.EIO, f"file opener process sent a bad reply (kind {kind})")
 
+
+
+def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
+    """The exit status of a helper whose socket just closed (it is exiting: wait a moment
+    for it), None if it has not ended after all."""
+    try:
+        return proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        return None

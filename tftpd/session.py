@@ -31,7 +31,7 @@ import trio
 
 from . import netascii, offload, packets
 from .blocks import BlockSource, FileHandle, chunk_size
-from .opener import OpenerPool
+from .opener import OpenerPool, OpenerUnavailable
 from .options import Negotiated, TransferPolicy, negotiate
 from .packets import (
     ERR_ACCESS_VIOLATION,
@@ -234,7 +234,8 @@ class Session:
         """
         opener = self._ctx.opener
         if opener is not None and opener.available:
-            return await opener.open(self.result.client, relpath, small)
+            with contextlib.suppress(OpenerUnavailable):
+                return await opener.open(self.result.client, relpath, small)
         lock = threading.Lock()
         state: dict[str, object] = {"abandoned": False}
 

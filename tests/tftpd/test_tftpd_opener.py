@@ -182,6 +182,22 @@ async def test_a_stuck_helper_holds_back_only_its_own_request(tree: Path) -> Non
         pool.close()
 
 
+async def test_helpers_that_cannot_run_leave_opens_to_threads(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A helper that exits with an error before its first answer (a broken installation):
+    one warning, and that request and every later one open in a worker thread."""
+    monkeypatch.setattr(opener_mod, "_BOOT", "import sys; sys.exit(3)  # {parent}")
+    async with running(tree) as (server, addr):
+        for name in ("whoami", "secret-a", "whoami"):
+            res = await fetch(addr, name, bind=CLIENT_A)
+            assert res.sha256 == file_sha256(tree / CLIENT_A / name)
+        assert server.opener is not None and not server.opener.available
+        assert server.opener.spawned == 1
+    assert server.stats.completed == 3 and server.stats.errors == 0
+    warnings = [r for r in caplog.records if "worker threads" in r.getMessage()]
+    assert len(warnings) == 1 and "status 3" in warnings[0].getMessage()
+
+
 async def test_server_keeps_serving_when_its_helper_dies(tree: Path) -> None:
     async with running(tree) as (server, addr):
         res = await fetch(addr, "1m.bin", bind=CLIENT_A)
