@@ -270,7 +270,7 @@ class TftpServer:
         self.on_transfer: Callable[[SessionResult], None] | None = None
         #: The DATA-phase pump while :meth:`run` runs (its counters: batches, GSO sends).
         self.pump: Pump | None = None
-        #: The helper processes that open request files while :meth:`run` runs.
+        #: The helper process that opens request files while :meth:`run` runs.
         self.opener: OpenerPool | None = None
 
     def share_limits(self, limits: SessionLimits) -> None:
@@ -428,6 +428,7 @@ class TftpServer:
         try:
             async with trio.open_nursery() as engine:
                 await engine.start(pump.run)
+                await engine.start(opener.run)
                 async with trio.open_nursery() as sessions:
                     ctx.spawn = sessions.start_soon
                     with trio.CancelScope() as self._listen_scope:

@@ -96,7 +96,7 @@ class SessionContext:
     active: Callable[[], int] = lambda: 1
     #: Starts a background task (read-ahead) in the server's nursery; None: no read-ahead task.
     spawn: Callable[..., object] | None = None
-    #: Opens request files in helper processes; None: in worker threads.
+    #: Opens request files in a helper process; None: in worker threads.
     opener: OpenerPool | None = None
 
 
@@ -226,8 +226,8 @@ class Session:
         self.send_error_nowait(code, message)
 
     async def _open(self, relpath: str, small: int) -> tuple[OpenedFile, bytes | None]:
-        """Open in a helper process (tftpd/opener.py), or where none can be started in a
-        worker thread without leaking the fd if we stop waiting for it.
+        """Open in the helper process (tftpd/opener.py), or where it cannot run in a worker
+        thread without leaking the fd if we stop waiting for it.
 
         A file of at most ``small`` bytes (configs, pxelinux.cfg/*: most requests) is read in
         the same call, saving the second hop that would dominate small requests.
