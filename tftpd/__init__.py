@@ -2,7 +2,8 @@
 
 Layers, one module each: packets (the tftpy adapter) -> paths (request name -> safe relative
 path) -> roots (client IP -> directory, safe open) -> options (negotiation) -> session (one
-request: checks, open, OACK) -> pump (the DATA phase of every transfer: one epoll, one timer
+request: checks, open, OACK) using opener (the open, in a helper process: opener_process)
+-> pump (the DATA phase of every transfer: one epoll, one timer
 heap, UDP GSO windows) driving sender (the sans-IO state machine) and blocks (file -> blocks,
 read ahead in worker threads) -> server (listen loop, counters) with limits (admission,
 shared by worker processes) -> cli.  ``client`` is our own test/benchmark client.

@@ -419,13 +419,13 @@ class TftpServer:
                                 spin_max_sessions=policy.spin_max_sessions,
                                 active=lambda: self.stats.active)
         self.opener = opener = OpenerPool(self._roots, self._limiter)
-        opener.start()
         ctx = SessionContext(
             roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
             active=lambda: self.stats.active, opener=opener,
         )
         buckets = _TokenBucket(self.config.error_replies_per_second)
         try:
+            opener.start()  # inside the try: the finally below ends it however we stop
             async with trio.open_nursery() as engine:
                 await engine.start(pump.run)
                 await engine.start(opener.run)

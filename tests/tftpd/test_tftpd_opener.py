@@ -241,3 +241,13 @@ async def test_without_helpers_opens_run_in_threads(
         assert server.opener is not None and not server.opener.available
     assert server.stats.completed == 2
     assert any("worker threads" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_helper_ends_with_the_server(tree: Path) -> None:
+    """No helper outlives its server: stopping closes its socket, and it is reaped."""
+    async with running(tree) as (server, addr):
+        await fetch(addr, "whoami", bind=CLIENT_A)
+        assert server.opener is not None and server.opener._helper is not None
+        pid = server.opener._helper.proc.pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
