@@ -89,22 +89,6 @@ class FileHandle:
                 raise FileChanged(f"{open_size} bytes at open, {st.st_size} now, "
                                   "modified since")
 
-    @staticmethod
-    def read_whole(fd: int, size: int) -> bytes | None:
-        """The whole file of ``size`` bytes (its size at open) from a descriptor nobody else
-        uses yet, or None if it is not ``size`` bytes long any more (then it is read the
-        normal way, which checks every read against the size at open).
-
-        One ``pread`` of ``size + 1`` bytes is the common case: the extra byte tells a file
-        that grew.  The buffer is sized by the file, not by the read-ahead: a 256 KiB buffer
-        for a 1 KiB config is a large allocation (``mmap``, a page fault, ``munmap``) per
-        request, twice with the read that confirms end of file.
-        """
-        data = os.pread(fd, size + 1, 0)
-        if len(data) < size:  # a short read mid-file (FUSE): finish it the careful way
-            data += pread_exact(fd, size + 1 - len(data), len(data))
-        return data if len(data) == size else None
-
     def close(self) -> None:
         with self._lock:
             if self._closed:

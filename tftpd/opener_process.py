@@ -14,8 +14,8 @@ other request goes on.  A ``SOCK_SEQPACKET`` message is atomic, so replies never
 and each carries its request's id, so their order does not matter.
 
 This module is the helper's whole program plus the message format both sides share.  It
-imports nothing beyond the standard library and :mod:`tftpd.roots`, so a helper is a small
-interpreter (about 12 MiB), not a copy of the server.
+imports nothing beyond the standard library, :mod:`tftpd.roots` and :mod:`vfsroot.fileio`,
+so a helper is a small interpreter (about 13 MiB), not a copy of the server.
 
 Messages (one request, one reply, boundaries kept by the kernel):
 
@@ -39,6 +39,7 @@ import threading
 from pathlib import Path
 
 from tftpd.roots import ClientRoots, OpenRefused
+from vfsroot.fileio import read_whole
 
 REQUEST = struct.Struct("!II")
 REPLY = struct.Struct("!IBBqq")
@@ -65,17 +66,6 @@ def decode_request(data: bytes) -> tuple[int, str, str, int]:
     return ident, client, relpath, small
 
 
-def _read_whole(fd: int, size: int) -> bytes | None:
-    """The whole file if it still is ``size`` bytes long (see FileHandle.read_whole)."""
-    data = os.pread(fd, size + 1, 0)
-    while len(data) < size + 1:  # a short read mid-file (FUSE): go on until end of file
-        more = os.pread(fd, size + 1 - len(data), len(data))
-        if not more:
-            break
-        data += more
-    return data if len(data) == size else None
-
-
 def _failed(ident: int, exc: OSError) -> bytes:
     return (REPLY.pack(ident, FAILED, 0, exc.errno or errno.EIO, 0)
             + (exc.strerror or str(exc)).encode("utf-8", "replace"))
@@ -95,7 +85,7 @@ def answer(roots: ClientRoots, request: bytes) -> tuple[bytes, int | None]:
     head = (opened.size, opened.mtime_ns)
     if opened.size <= small:
         try:
-            data = _read_whole(opened.fd, opened.size)
+            data = read_whole(opened.fd, opened.size)
         except OSError as exc:
             os.close(opened.fd)
             return _failed(ident, exc), None

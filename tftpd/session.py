@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vfsroot.fileio import read_whole
+
 from . import netascii, offload, packets
 from .blocks import BlockSource, FileHandle, chunk_size
 from .opener import OpenerPool, OpenerUnavailable
@@ -244,7 +246,7 @@ class Session:
             data = None
             try:
                 if opened.size <= small:
-                    data = FileHandle.read_whole(opened.fd, opened.size)
+                    data = read_whole(opened.fd, opened.size)
             except BaseException:
                 os.close(opened.fd)
                 raise

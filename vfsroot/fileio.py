@@ -31,3 +31,19 @@ def read_exact(pread: Callable[[int, int], bytes], size: int, offset: int,
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
     """:func:`read_exact` over a file descriptor."""
     return read_exact(lambda n, o: os.pread(fd, n, o), size, offset)
+
+
+def read_whole(fd: int, size: int) -> bytes | None:
+    """The whole file of ``size`` bytes (its size at open) from a descriptor nobody else
+    uses yet, or None if it is not ``size`` bytes long any more (tftpd then reads it the
+    normal way, which checks every read against the size at open).
+
+    One ``pread`` of ``size + 1`` bytes is the common case: the extra byte tells a file
+    that grew.  The buffer is sized by the file, not by a read-ahead: a 256 KiB buffer for a
+    1 KiB config is a large allocation (``mmap``, a page fault, ``munmap``) per request,
+    twice with the read that confirms end of file.
+    """
+    data = os.pread(fd, size + 1, 0)
+    if len(data) < size:  # a short read mid-file (FUSE): finish it the careful way
+        data += pread_exact(fd, size + 1 - len(data), len(data))
+    return data if len(data) == size else None

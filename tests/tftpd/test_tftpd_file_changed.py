@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tftpd.blocks import FileChanged, FileHandle
+from vfsroot.fileio import read_whole
 
 SIZE = 100_000
 
@@ -91,20 +92,20 @@ def test_small_file_is_read_whole_at_its_size_at_open(path: Path) -> None:
     never a shorter or longer file than the size the client may have been told (tsize)."""
     fd, (size, _mtime) = opened(path)
     try:
-        data = FileHandle.read_whole(fd, size)
+        data = read_whole(fd, size)
         assert data is not None
         assert hashlib.sha256(data).hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
         with open(path, "ab") as f:
             f.write(b"more")
-        assert FileHandle.read_whole(fd, size) is None  # grew
+        assert read_whole(fd, size) is None  # grew
         os.truncate(path, size - 1)
-        assert FileHandle.read_whole(fd, size) is None  # shrank
+        assert read_whole(fd, size) is None  # shrank
     finally:
         os.close(fd)
     empty = path.parent / "empty"
     empty.write_bytes(b"")
     fd = os.open(empty, os.O_RDONLY)
     try:
-        assert FileHandle.read_whole(fd, 0) == b""
+        assert read_whole(fd, 0) == b""
     finally:
         os.close(fd)
