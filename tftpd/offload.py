@@ -32,13 +32,26 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class _Borrower:
+class Borrower:
     """One call's claim on the limiter (a fresh object: the limiter tracks who holds what)."""
 
     __slots__ = ()
 
 
-def _in_thread(fn: Callable[[], T], limiter: trio.CapacityLimiter, borrower: _Borrower,
+async def borrow(limiter: trio.CapacityLimiter) -> Borrower:
+    """One token of ``limiter`` for a new :class:`Borrower` (give it back with
+    ``limiter.release_on_behalf_of``).  A free token is taken without the scheduler round
+    trip ``acquire_on_behalf_of`` makes even when it need not wait; only a wait for one is a
+    checkpoint."""
+    borrower = Borrower()
+    try:
+        limiter.acquire_on_behalf_of_nowait(borrower)
+    except trio.WouldBlock:
+        await limiter.acquire_on_behalf_of(borrower)
+    return borrower
+
+
+def _in_thread(fn: Callable[[], T], limiter: trio.CapacityLimiter, borrower: Borrower,
                back: Callable[[outcome.Outcome[T]], None]) -> None:
     """Run ``fn()`` in a worker thread on ``borrower``'s token (already taken); ``back`` gets
     the outcome on the event loop once the token is given back.  The one home of the hop
@@ -63,13 +76,7 @@ def _in_thread(fn: Callable[[], T], limiter: trio.CapacityLimiter, borrower: _Bo
 
 async def run_sync(fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
     """``fn()`` in a worker thread under ``limiter``; its result or its exception."""
-    borrower = _Borrower()
-    try:
-        # A free token is taken without the scheduler round trip ``acquire_on_behalf_of``
-        # makes even when it need not wait; the wait below is this call's checkpoint.
-        limiter.acquire_on_behalf_of_nowait(borrower)
-    except trio.WouldBlock:
-        await limiter.acquire_on_behalf_of(borrower)
+    borrower = await borrow(limiter)
     task = trio.lowlevel.current_task()
     abandoned = False
 
@@ -94,7 +101,7 @@ def start(fn: Callable[[], T], limiter: trio.CapacityLimiter,
     starts nothing) when every token is taken: the caller then waits for one with
     :func:`run_sync`.  The caller drops a result it no longer wants in ``on_done``.
     """
-    borrower = _Borrower()
+    borrower = Borrower()
     try:
         limiter.acquire_on_behalf_of_nowait(borrower)
     except trio.WouldBlock:

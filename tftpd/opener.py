@@ -39,6 +39,7 @@ from pathlib import Path
 import outcome
 import trio
 
+from . import offload
 from .opener_process import (
     FAILED,
     OPENED,
@@ -84,12 +85,6 @@ class _Waiting:
         self.request = request
         self.path = path
         self.sends = 1
-
-
-class _Borrower:
-    """One open's claim on the limiter (a fresh object: the limiter tracks who holds what)."""
-
-    __slots__ = ()
 
 
 class OpenerPool:
@@ -299,11 +294,7 @@ class OpenerPool:
         """
         if not self.available:
             raise OpenerUnavailable("helpers cannot run here")
-        borrower = _Borrower()
-        try:
-            self._limiter.acquire_on_behalf_of_nowait(borrower)
-        except trio.WouldBlock:
-            await self._limiter.acquire_on_behalf_of(borrower)
+        borrower = await offload.borrow(self._limiter)
         try:
             ident = next(self._ids) & 0xFFFFFFFF
             request = encode_request(ident, client, relpath, small)
