@@ -57,12 +57,32 @@ _YIELD_EVERY = 0.002
 #: moves by more than this, seconds: a retransmission fires at most this much late or early.
 _DEADLINE_SLACK = 0.0005
 _EPOLLIN = select.EPOLLIN
-_pack_header = packets.pack_header
-_OP_DATA = packets.OP_DATA
 _OP_ACK = packets.OP_ACK
 _EPOLLOUT = select.EPOLLOUT
 _ERRORS = select.EPOLLERR | select.EPOLLHUP
 _READABLE = _EPOLLIN | _ERRORS
+
+
+def _groups(runs: list[memoryview], seg: int,
+            per: int) -> list[tuple[list[memoryview], int]]:
+    """``runs`` cut into groups of at most ``per`` datagrams, each with its datagram count:
+    the views for one GSO ``sendmsg`` each (cuts fall between frames)."""
+    groups: list[tuple[list[memoryview], int]] = []
+    group: list[memoryview] = []
+    k = 0
+    for run in runs:
+        o, size = 0, len(run)
+        while o < size:
+            take = min((per - k) * seg, size - o)
+            group.append(run[o:o + take] if take < size else run)
+            k += -(-take // seg)
+            o += take
+            if k == per:
+                groups.append((group, k))
+                group, k = [], 0
+    if group:
+        groups.append((group, k))
+    return groups
 
 
 @functools.lru_cache(maxsize=64)
@@ -100,7 +120,7 @@ class Transfer:
             return (sender.final - 1) * self.blksize + self.final_len
         return sender.sent_upto * self.blksize
 
-    __slots__ = ("sock", "fd", "sender", "source", "blksize", "gso", "final_len", "done",
+    __slots__ = ("sock", "fd", "sender", "source", "blksize", "seg", "gso", "final_len", "done",
                  "error", "finished", "timer_at", "want_write", "ignored", "lockstep")
 
     def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
@@ -110,6 +130,7 @@ class Transfer:
         self.sender = sender
         self.source = source
         self.blksize = blksize
+        self.seg = blksize + 4  # bytes of a full DATA datagram
         self.gso = gso
         self.final_len = 0  # payload bytes of the last block, once it went out
         self.done = trio.Event()
@@ -401,17 +422,16 @@ class Pump:
                         # first: a read-ahead chunk appended by ``poll`` then drops every
                         # acknowledged block instead of copying the last one along.)
                         seq = sender.sent_upto
-                        payload = t.source.poll(seq)
-                        if payload is None:  # not read yet: on_ready brings us back
+                        frame = t.source.poll(seq)
+                        if frame is None:  # not read yet: on_ready brings us back
                             sender.unsent(seq)
                             return
-                        if not self._send_datagram(
-                                t, _pack_header(_OP_DATA, seq & 0xFFFF) + payload):
+                        if not self._send_datagram(t, frame):
                             sender.unsent(seq)
                             return
                         self.datagrams += 1
-                        if len(payload) < t.blksize:
-                            t.final_len = len(payload)
+                        if len(frame) < t.seg:
+                            t.final_len = len(frame) - 4
                             sender.sent_final(seq)
                         if t.timer_at is None:
                             self._schedule(t)
@@ -466,49 +486,47 @@ class Pump:
         sender = t.sender
         first, last = due
         source = t.source
-        blksize = t.blksize
         if first == last:  # lock-step, or one block due
-            data = source.poll(first)
-            if data is None:
+            frame = source.poll(first)
+            if frame is None:
                 return
-            if not self._send_datagram(t, _pack_header(_OP_DATA, first & 0xFFFF) + data):
+            if not self._send_datagram(t, frame):
                 return
             self.datagrams += 1
-            if len(data) < blksize:
-                t.final_len = len(data)
-            sender.sent(first, first, now, final=len(data) < blksize)
+            final = len(frame) < t.seg
+            if final:
+                t.final_len = len(frame) - 4
+            sender.sent(first, first, now, final=final)
             return
-        # [header, payload, header, payload, ...]: a GSO send hands these to the kernel as
-        # they are (payloads are views of the read-ahead buffer).  Blocks not read yet are
-        # left out: on_ready brings us back for them.
-        parts: list[bytes | memoryview] = []
-        final = source.gather(first, last, parts)
-        n = len(parts) // 2
+        # Runs of whole frames, views of the read-ahead buffers: one per buffer the window
+        # lies in.  Blocks not read yet are left out: on_ready brings us back for them.
+        runs: list[memoryview] = []
+        n, final = source.gather(first, last, runs)
         if not n:
             return
-        sent = self._send(t, parts, blksize + 4)
+        seg = t.seg
+        sent = self._send(t, runs, seg, n)
         self.datagrams += sent
         if sent:
             if final and sent == n:
-                t.final_len = len(parts[-1])
+                t.final_len = (len(runs[-1]) - 4) % seg
             sender.sent(first, first + sent - 1, now, final=final and sent == n)
 
-    def _send(self, t: Transfer, parts: list[bytes | memoryview], seg: int) -> int:
-        """Put the datagrams ``parts[2i] + parts[2i + 1]`` on the wire (all but the last
-        ``seg`` bytes long); returns how many went (the rest when writable)."""
-        sock = t.sock
-        n = len(parts) // 2
+    def _send(self, t: Transfer, runs: list[memoryview], seg: int, n: int) -> int:
+        """Put the ``n`` datagrams of ``runs`` (whole frames of ``seg`` bytes, but the last)
+        on the wire; returns how many went (the rest when writable)."""
         i = 0
         if t.gso and n > 1:
             per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg)
             if per > 1:
                 opt = _gso_option(seg)
-                while n - i > 1:
-                    k = min(per, n - i)
+                for group, k in _groups(runs, seg, per):
+                    if k == 1:
+                        break  # a lone datagram: a plain send below
                     try:
-                        # Gathered by the kernel from the headers and the views of the
-                        # read-ahead buffer: no copy of the window in Python.
-                        sock.sendmsg(parts if k == n else parts[2 * i:2 * (i + k)], opt)
+                        # Gathered by the kernel from the views of the read-ahead buffer
+                        # and cut into datagrams of ``seg`` bytes: one system call.
+                        t.sock.sendmsg(group, opt)
                     except BlockingIOError:
                         self._want_write(t)
                         return i
@@ -526,10 +544,17 @@ class Pump:
                         break
                     self.gso_sends += 1
                     i += k
-        while i < n:
-            if not self._send_datagram(t, parts[2 * i] + parts[2 * i + 1]):
-                return i
-            i += 1
+        if i < n:
+            skip = i * seg
+            for run in runs:
+                if skip >= len(run):
+                    skip -= len(run)
+                    continue
+                for o in range(skip, len(run), seg):
+                    if not self._send_datagram(t, run[o:o + seg]):
+                        return i
+                    i += 1
+                skip = 0
         return n
 
     def _send_datagram(self, t: Transfer, packet: bytes) -> bool:

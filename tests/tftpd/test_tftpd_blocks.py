@@ -1,6 +1,6 @@
-"""tftpd.blocks.BlockSource: read-ahead chunks are whole blocks, so a lock-step transfer's
-buffer is each new chunk as read (no copy of the old chunk's tail in front of it), and the
-blocks are the file's bytes whatever the block size."""
+"""tftpd.blocks.BlockSource: read-ahead chunks are whole blocks read into buffers of wire-ready
+DATA frames, so a lock-step transfer reuses two buffers and copies nothing; the frames are the
+file's bytes with the right headers whatever the block size."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ async def test_lock_step_blocks_are_the_file_and_the_buffer_one_chunk(
             source.release_before(seq)  # lock-step: everything before seq is acknowledged
             block = await source.block(seq)
             got.update(block)
-            # Never an old chunk's tail in front of a new chunk.
-            assert len(source._buf) <= chunk
+            # Never an old chunk's tail kept beside the new chunk.
+            assert source.held_bytes() <= chunk // blksize * (blksize + 4)
             if len(block) < blksize:
                 break
             seq += 1
@@ -105,13 +105,15 @@ async def test_read_ahead_comes_back_whether_a_read_thread_is_free_or_not(
                 await ready.wait()
             seq = 1
             while True:
-                block = source.poll(seq)
-                if block is None:  # the next chunk is being read: on_ready says when
+                frame = source.poll(seq)
+                if frame is None:  # the next chunk is being read: on_ready says when
                     ready = trio.Event()
                     source.on_ready = ready.set
                     with trio.fail_after(5):
                         await ready.wait()
                     continue
+                assert bytes(frame[:4]) == bytes([0, 3, (seq >> 8) & 0xFF, seq & 0xFF])
+                block = frame[4:]
                 got.update(block)
                 source.release_before(seq + 1)
                 if len(block) < 1428:
@@ -122,6 +124,43 @@ async def test_read_ahead_comes_back_whether_a_read_thread_is_free_or_not(
         handle.close()
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
     assert limiter.borrowed_tokens == 0
+
+
+async def test_a_lock_step_transfer_reads_into_two_buffers_in_turn(tmp_path: Path) -> None:
+    """With read-ahead, a chunk is read into the buffer of the chunk before the current one,
+    once all of it is acknowledged: a transfer of many chunks uses two buffers (no fresh
+    allocation, so no page faults, per chunk), and the frames are still the file."""
+    data = os.urandom(1_000_000)
+    handle = _handle_on(tmp_path, data)
+    source = BlockSource(handle, 1428, 64 * 1024, trio.CapacityLimiter(2))
+    ready = trio.Event()
+    source.on_ready = ready.set
+    buffers: dict[int, object] = {}  # held: an id is not reused while its object lives
+    got = hashlib.sha256()
+    try:
+        async with trio.open_nursery() as nursery:
+            source.start_prefetch(nursery.start_soon)
+            seq = 1
+            while True:
+                source.release_before(seq)
+                frame = source.poll(seq)
+                if frame is None:
+                    with trio.fail_after(5):
+                        await ready.wait()
+                    ready = trio.Event()
+                    source.on_ready = ready.set
+                    continue
+                buffers[id(frame.obj)] = frame.obj
+                got.update(frame[4:])
+                if len(frame) < 1432:
+                    break
+                seq += 1
+    finally:
+        source.close()
+        handle.close()
+    assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert seq > 10 * chunk_size(64 * 1024, 1428) // 1428  # many chunks
+    assert len(buffers) == 2
 
 
 def _expected_frames(data: bytes, blksize: int, first: int, last: int) -> list[bytes]:
@@ -135,8 +174,10 @@ def _expected_frames(data: bytes, blksize: int, first: int, last: int) -> list[b
     return frames
 
 
-def _frames(parts: list) -> list[bytes]:
-    return [bytes(parts[i]) + bytes(parts[i + 1]) for i in range(0, len(parts), 2)]
+def _frames(runs: list, blksize: int) -> list[bytes]:
+    """The datagrams in ``runs`` (views of whole frames, the last maybe short)."""
+    seg = blksize + 4
+    return [bytes(run[o:o + seg]) for run in runs for o in range(0, len(run), seg)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -152,10 +193,11 @@ def test_gather_is_poll_block_by_block(size: int, blksize: int,
     for first, width in windows:
         first = min(first, n_blocks)
         last = first + width - 1
-        parts: list = []
-        final = source.gather(first, last, parts)
+        runs: list = []
+        n, final = source.gather(first, last, runs)
         want = _expected_frames(data, blksize, first, last)
-        assert _frames(parts) == want
+        assert _frames(runs, blksize) == want
+        assert n == len(want)
         assert final == (len(want[-1]) - 4 < blksize)
 
 
@@ -180,9 +222,10 @@ async def test_gathered_windows_across_read_ahead_chunks_are_the_file(
             widths = itertools.cycle([windowsize, 5, windowsize, 3])  # straddle chunk ends
             width = next(widths)
             while True:
-                parts: list = []
-                final = source.gather(first, first + width - 1, parts)
-                frames = _frames(parts)
+                runs: list = []
+                n, final = source.gather(first, first + width - 1, runs)
+                frames = _frames(runs, blksize)
+                assert n == len(frames)
                 got += frames
                 first += len(frames)
                 source.release_before(first)  # the window is acknowledged

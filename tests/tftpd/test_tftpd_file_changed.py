@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tftpd.blocks import FileChanged, FileHandle
+from tftpd.frames import Frames
 from vfsroot.fileio import read_whole
 
 SIZE = 100_000
@@ -30,58 +31,76 @@ def path(tmp_path: Path) -> Path:
     return p
 
 
-def test_unchanged_file_reads_to_its_end(path: Path) -> None:
+def _via_frames(h: FileHandle, size: int, offset: int) -> bytes:
+    """``h.readinto_frames`` (the transfer's read: ``preadv`` into frame slots) as a read of
+    ``size`` bytes.  Blocks of 10 bytes: thousands of iovecs, more than one ``preadv``
+    takes (IOV_MAX), so the reads are split as well."""
+    n = size // 10
+    frames = Frames(10, n)
+    got = h.readinto_frames(frames, n, offset)
+    return b"".join(bytes(slot) for slot in frames.slots(n))[:got]
+
+
+@pytest.fixture(params=["pread_exact", "readinto_frames"])
+def read(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Both checked reads of FileHandle: the same rules."""
+    if request.param == "pread_exact":
+        return lambda h, size, offset: h.pread_exact(size, offset)
+    return _via_frames
+
+
+def test_unchanged_file_reads_to_its_end(path: Path, read) -> None:  # type: ignore[no-untyped-def]
     fd, expect = opened(path)
     h = FileHandle(fd, expect=expect)
     try:
-        assert h.pread_exact(60_000, 0) + h.pread_exact(60_000, 60_000) == path.read_bytes()
-        assert h.pread_exact(10, SIZE) == b""
+        assert read(h, 60_000, 0) + read(h, 60_000, 60_000) == path.read_bytes()
+        assert read(h, 10, SIZE) == b""
     finally:
         h.close()
 
 
-def test_truncated_file_is_a_change_not_an_end(path: Path) -> None:
+def test_truncated_file_is_a_change_not_an_end(path: Path, read) -> None:  # type: ignore[no-untyped-def]
     fd, expect = opened(path)
     h = FileHandle(fd, expect=expect)
     try:
-        assert len(h.pread_exact(30_000, 0)) == 30_000
+        assert len(read(h, 30_000, 0)) == 30_000
         os.truncate(path, 40_000)
         with pytest.raises(FileChanged, match="100000 bytes at open, ends at 40000 now"):
-            h.pread_exact(60_000, 30_000)
+            read(h, 60_000, 30_000)
     finally:
         h.close()
 
 
-def test_grown_file_is_a_change(path: Path) -> None:
+def test_grown_file_is_a_change(path: Path, read) -> None:  # type: ignore[no-untyped-def]
     fd, expect = opened(path)
     h = FileHandle(fd, expect=expect)
     try:
         with open(path, "ab") as f:
             f.write(b"more")
         with pytest.raises(FileChanged, match="more now"):
-            h.pread_exact(SIZE + 100, 0)
+            read(h, SIZE + 100, 0)
     finally:
         h.close()
 
 
-def test_same_size_rewrite_is_seen_at_the_end(path: Path) -> None:
+def test_same_size_rewrite_is_seen_at_the_end(path: Path, read) -> None:  # type: ignore[no-untyped-def]
     fd, expect = opened(path)
     h = FileHandle(fd, expect=expect)
     try:
         os.utime(path, ns=(expect[1] + 10**9, expect[1] + 10**9))  # rewritten in place
-        assert len(h.pread_exact(1000, 0)) == 1000  # not at the end yet: no fstat per read
+        assert len(read(h, 1000, 0)) == 1000  # not at the end yet: no fstat per read
         with pytest.raises(FileChanged, match="modified since"):
-            h.pread_exact(SIZE, 1000)
+            read(h, SIZE, 1000)
     finally:
         h.close()
 
 
-def test_without_expect_nothing_is_checked(path: Path) -> None:
+def test_without_expect_nothing_is_checked(path: Path, read) -> None:  # type: ignore[no-untyped-def]
     fd, _ = opened(path)
     h = FileHandle(fd)
     try:
         os.truncate(path, 10)
-        assert h.pread_exact(100, 0) == path.read_bytes()
+        assert read(h, 100, 0) == path.read_bytes()
     finally:
         h.close()
 
