@@ -160,6 +160,7 @@ class Pump:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_sent = False
         self._ep.register(self._wake_fd, _EPOLLIN)
+        self._recv_buf = bytearray(_RECV_SIZE)
         self._spin = spin_seconds
         self._spin_max = spin_max_sessions
         self._active = active
@@ -394,49 +395,74 @@ class Pump:
         """A socket is ready: take one datagram, feed it to the sender, send what is due.
 
         The hot path of every transfer (one call per ACK), so lock-step's common case -- the
-        ACK of the newest block, and the next block goes out -- is handled inline with one
-        Sender call (``ack_send``); any other ACK goes through ``on_ack`` and
-        :meth:`_transmit`.  epoll is level-triggered, so a socket with more datagrams queued
+        ACK of the newest block, and the next block goes out -- is handled here with one
+        Sender call (``ack_send``) and the send inline; anything else goes to
+        :meth:`_datagram`.  epoll is level-triggered, so a socket with more datagrams queued
         is simply reported again in the next pass (fair to the others, and no ``recv`` that
         fails with EAGAIN, an exception per packet, in lock-step where one ACK is all there
         is).
         """
+        if ev != _EPOLLIN or not t.lockstep or t.want_write:
+            self._datagram(t, now, ev, None)
+            return
+        buf = self._recv_buf  # no bytes object allocated (and resized) per ACK
+        try:
+            size = t.sock.recv_into(buf)
+        except OSError:
+            self._datagram(t, now, ev, None)  # the general path raises it again
+            return
+        sender = t.sender
+        if not (size >= 4 and buf[1] == _OP_ACK and buf[0] == 0
+                and sender.ack_send((buf[2] << 8) | buf[3], now)):
+            self._datagram(t, now, ev, bytes(buf[:size]))
+            return
+        # The ACK of the newest block: the next one is recorded as sent and goes out now.
+        # (The ACK is taken first: a chunk made current by ``poll`` then lets its buffer go.)
+        seq = sender.sent_upto
+        try:
+            frame = t.source.poll(seq)
+            if frame is None:  # not read yet: on_ready brings us back
+                sender.unsent(seq)
+                return
+            try:
+                t.sock.send(frame)
+            except BlockingIOError:
+                sender.unsent(seq)
+                self._want_write(t)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:  # ENOBUFS: dropped here, the timer resends
+                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+            self.datagrams += 1
+            if len(frame) < t.seg:
+                t.final_len = len(frame) - 4
+                sender.sent_final(seq)
+        except Exception as exc:
+            self._fail(t, exc)
+            return
+        if t.timer_at is None:
+            self._schedule(t)
+
+    def _datagram(self, t: Transfer, now: float, ev: int, data: bytes | None) -> None:
+        """Everything :meth:`_event` does not do inline: a window's ACK, a duplicate or stale
+        one, an ERROR, a socket that became writable or failed.  ``data``: the datagram
+        already taken from the socket, if any."""
         sender = t.sender
         try:
             if ev != _EPOLLIN and ev & _EPOLLOUT and t.want_write:
                 t.want_write = False
                 self._ep.modify(t.fd, _EPOLLIN)
             due = None
-            if ev & _READABLE:
-                try:
-                    data = t.sock.recv(_RECV_SIZE)
-                except BlockingIOError:
-                    data = b""
-                except OSError as exc:
-                    raise PeerGone(os.strerror(exc.errno or 0)) from None
+            if data is not None or ev & _READABLE:
+                if data is None:
+                    try:
+                        data = t.sock.recv(_RECV_SIZE)
+                    except BlockingIOError:
+                        data = b""
+                    except OSError as exc:
+                        raise PeerGone(os.strerror(exc.errno or 0)) from None
                 if len(data) >= 4 and data[1] == _OP_ACK and data[0] == 0:
-                    block = (data[2] << 8) | data[3]
-                    if t.lockstep and not t.want_write and sender.ack_send(block, now):
-                        # Lock-step's common case, one Sender call: this ACK is for the
-                        # newest block and the next one goes out now.  (The ACK is taken
-                        # first: a read-ahead chunk appended by ``poll`` then drops every
-                        # acknowledged block instead of copying the last one along.)
-                        seq = sender.sent_upto
-                        frame = t.source.poll(seq)
-                        if frame is None:  # not read yet: on_ready brings us back
-                            sender.unsent(seq)
-                            return
-                        if not self._send_datagram(t, frame):
-                            sender.unsent(seq)
-                            return
-                        self.datagrams += 1
-                        if len(frame) < t.seg:
-                            t.final_len = len(frame) - 4
-                            sender.sent_final(seq)
-                        if t.timer_at is None:
-                            self._schedule(t)
-                        return
-                    due = sender.on_ack(block, now)
+                    due = sender.on_ack((data[2] << 8) | data[3], now)
                     if due is None and sender.outcome is not None:
                         self._finish(t)
                         return

@@ -67,7 +67,7 @@ class Sender:
     """
 
     __slots__ = (
-        "windowsize", "rto", "retries", "holdoff_min", "counters", "base", "sent_upto",
+        "windowsize", "rto", "retries", "holdoff_min", "_counters", "base", "sent_upto",
         "final", "resend_from", "deadline", "outcome", "srtt", "_tries", "_window_sent_at",
         "_last_tx", "_window_clean", "_last_restart",
     )
@@ -80,7 +80,7 @@ class Sender:
         self.rto = rto
         self.retries = retries
         self.holdoff_min = holdoff_min
-        self.counters = SenderCounters()
+        self._counters = SenderCounters()
         self.base = 1  # first unacknowledged block
         self.sent_upto = 0  # highest block sent so far
         self.final: int | None = None  # the last block, once the driver has sent it
@@ -95,6 +95,13 @@ class Sender:
         self._last_tx = 0.0  # when the latest burst went out
         self._window_clean = True  # nothing in this window was resent (Karn)
         self._last_restart = float("-inf")
+
+    @property
+    def counters(self) -> SenderCounters:
+        """The transfer's counts so far.  ``blocks`` (distinct blocks sent) is the highest
+        block sent, so it is read from there, not counted per packet."""
+        self._counters.blocks = self.sent_upto
+        return self._counters
 
     # -- what to send ----------------------------------------------------------------------
 
@@ -129,7 +136,6 @@ class Sender:
         if (first == self.sent_upto + 1 and first == self.resend_from and not final
                 and last - self.base < self.windowsize):
             # The hot path: new blocks, in order, inside the window.
-            self.counters.blocks += last - first + 1
             self.sent_upto = last
             self.resend_from = last + 1
             if first == self.base:
@@ -141,11 +147,8 @@ class Sender:
             return
         if first != self.resend_from or last > self.window_end():
             raise ValueError(f"sent {first}..{last} but {self.to_send()} was due")
-        new_from = max(first, self.sent_upto + 1)
-        if new_from <= last:
-            self.counters.blocks += last - new_from + 1
         if first <= self.sent_upto:
-            self.counters.retransmits += min(last, self.sent_upto) - first + 1
+            self._counters.retransmits += min(last, self.sent_upto) - first + 1
             self._window_clean = False
         if last > self.sent_upto:
             self.sent_upto = last
@@ -200,19 +203,21 @@ class Sender:
         pump's Python per packet.
         """
         upto = self.sent_upto
-        if (block != upto & 0xFFFF or self.windowsize != 1 or upto < self.base
-                or self.final is not None or self.outcome is not None):
+        if (block != upto & 0xFFFF or upto < self.base or self.final is not None
+                or self.outcome is not None or self.windowsize != 1):
             return False
-        if self._window_clean:
-            self._rtt_sample(now)
+        if self._window_clean:  # _rtt_sample, inline: this runs once per packet
+            old = self.srtt
+            sample = now - self._last_tx
+            self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
+        else:
+            self._window_clean = True
         seq = upto + 1
         self.base = self.sent_upto = seq
         self.resend_from = seq + 1
         self._tries = 0
-        self._window_clean = True
         self._window_sent_at = self._last_tx = now
         self.deadline = now + self.rto
-        self.counters.blocks += 1
         return True
 
     def sent_final(self, seq: int) -> None:
@@ -228,7 +233,6 @@ class Sender:
             raise ValueError(f"block {seq} is not the one ack_send recorded")
         self.sent_upto = seq - 1
         self.resend_from = seq
-        self.counters.blocks -= 1
         self.deadline = None
 
     def ack(self, block: int, now: float) -> str:
@@ -238,10 +242,10 @@ class Sender:
         prev = self.base - 1
         seq = prev + ((block - prev) & 0xFFFF)
         if seq > self.sent_upto:
-            self.counters.ignored_acks += 1  # stale (older than base - 1) or never sent
+            self._counters.ignored_acks += 1  # stale (older than base - 1) or never sent
             return IGNORED
         if seq == prev:
-            self.counters.duplicate_acks += 1
+            self._counters.duplicate_acks += 1
             if now - self._window_sent_at >= self.holdoff():
                 self.resend_from = self.base
                 return DUPLICATE

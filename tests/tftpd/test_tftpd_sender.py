@@ -334,7 +334,7 @@ def test_a_dead_client_times_out_after_the_budget() -> None:
 # -- the lock-step fast path: one call for the common ACK ---------------------------------------
 
 def _state(s: Sender) -> dict[str, object]:
-    state = {name: getattr(s, name) for name in Sender.__slots__ if name != "counters"}
+    state = {name: getattr(s, name) for name in Sender.__slots__ if name != "_counters"}
     state["counters"] = vars(s.counters).copy()
     return state
 
