@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tftpd.blocks import BlockSource, FileHandle, chunk_size
+from tftpd.netascii import encode as netascii_encode
 
 
 def _handle_on(tmp_path: Path, data: bytes) -> FileHandle:
@@ -241,3 +242,69 @@ async def test_gathered_windows_across_read_ahead_chunks_are_the_file(
         source.close()
         handle.close()
     assert got == _expected_frames(data, blksize, 1, len(data) // blksize + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(chunks=st.integers(0, 3), extra=st.sampled_from([0, 1, 7, -1]),
+       blksize=st.sampled_from([8, 512, 1000]), netascii=st.booleans(),
+       width=st.integers(1, 40), acks=st.lists(st.floats(0, 1), min_size=1, max_size=8),
+       seed=st.integers(0, 2**16))
+def test_read_ahead_frames_are_the_file_whatever_is_acknowledged(
+        tmp_path_factory: pytest.TempPathFactory, chunks: int, extra: int, blksize: int,
+        netascii: bool, width: int, acks: list[float], seed: int) -> None:
+    """Files of whole chunks (then the last block is an empty frame of its own chunk), one
+    byte more or less, in octet and netascii (CR and LF bytes grow the stream across chunk
+    ends), sent in windows that the client acknowledges only in part: every frame resent
+    from an older chunk (copied out of its buffer when the next chunk became current) is
+    still the file's block with its number, and the last frame ends it."""
+    chunk = chunk_size(4096, blksize)
+    size = max(0, chunks * chunk + extra)
+    rnd = random.Random(seed)
+    data = bytes(rnd.choice(b"ab\r\n\0") for _ in range(size))
+    path = tmp_path_factory.mktemp("f") / "f"
+    path.write_bytes(data)
+    stream = netascii_encode(data) if netascii else data
+    want = _expected_frames(stream, blksize, 1, len(stream) // blksize + 1)
+    fractions = itertools.cycle(acks)
+
+    async def main() -> list[tuple[int, bytes]]:
+        fd = os.open(path, os.O_RDONLY)
+        st_ = os.fstat(fd)
+        handle = FileHandle(fd, expect=(st_.st_size, st_.st_mtime_ns))
+        source = BlockSource(handle, blksize, 4096, trio.CapacityLimiter(2),
+                             netascii=netascii, windowsize=width)
+        got: list[tuple[int, bytes]] = []
+        ready = trio.Event()
+        source.on_ready = ready.set
+        try:
+            async with trio.open_nursery() as nursery:
+                source.start_prefetch(nursery.start_soon)
+                base = 1
+                while True:
+                    runs: list = []
+                    n, final = source.gather(base, base + width - 1, runs)
+                    frames = _frames(runs, blksize)
+                    assert n == len(frames)
+                    got += [(base + i, f) for i, f in enumerate(frames)]
+                    if final:
+                        break
+                    if not frames:
+                        with trio.fail_after(5):
+                            await ready.wait()
+                        ready = trio.Event()
+                        source.on_ready = ready.set
+                        continue
+                    # The client acknowledges part of the window; the rest is sent again.
+                    base += max(1, round(next(fractions) * n))
+                    source.release_before(base)
+                    if rnd.random() < 0.5:  # a read-ahead may finish mid-chunk
+                        await trio.sleep(0.0005)
+        finally:
+            source.close()
+            handle.close()
+        return got
+
+    got = trio.run(main)
+    for seq, frame in got:
+        assert frame == want[seq - 1], seq
+    assert got[-1][0] == len(want)
