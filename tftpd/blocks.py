@@ -168,6 +168,14 @@ class BlockSource:
     window.
     """
 
+    # Slots: poll() reads five of these per packet of every transfer.
+    __slots__ = (
+        "_handle", "_blksize", "_seg", "_chunk", "_per_chunk", "_limiter", "_netascii",
+        "_carry", "_cur", "_first", "_count", "_end", "_view", "_old", "_spare", "_next_seq",
+        "_raw_off", "_eof", "_keep_seq", "_spawn", "_scope", "_pending", "_next",
+        "_next_error", "_closed", "on_ready", "acked",
+    )
+
     def __init__(
         self,
         handle: FileHandle | None,
