@@ -20,10 +20,10 @@ from collections.abc import Callable
 import outcome
 import trio
 
-from vfsroot.fileio import pread_exact
+from vfsroot.fileio import pread_exact, preadv_exact
 
 from . import offload
-from .frames import Frames, preadv_exact
+from .frames import Frames
 from .netascii import encode as netascii_encode
 
 

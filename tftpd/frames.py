@@ -15,15 +15,10 @@ block source hands a buffer to a read only when nothing in it is still owed to t
 
 from __future__ import annotations
 
-import errno
-import os
-
 from .packets import OP_DATA
 
 #: ``seq & 0xFF`` for 256 consecutive block numbers from 0.
 _LOW = bytes(range(256))
-#: Iovecs per ``preadv`` (Linux's IOV_MAX).
-IOV_MAX = 1024
 
 
 class Frames:
@@ -88,35 +83,3 @@ class Frames:
             view[i * seg + 4:i * seg + 4 + len(chunk)] = chunk
         self.stamp(first, n)
         return n
-
-
-def preadv_exact(fd: int, slots: list[memoryview], offset: int) -> int:
-    """Fill ``slots`` from ``fd`` at ``offset`` in order, as far as the file goes; returns the
-    bytes read.  Fewer than the slots hold only at end of file: a short ``preadv`` mid-file
-    (FUSE, network filesystems) is continued, like :func:`vfsroot.fileio.read_exact`."""
-    total = 0
-    want = sum(len(s) for s in slots)
-    iov = slots
-    while total < want:
-        try:
-            got = os.preadv(fd, iov[:IOV_MAX], offset + total)
-        except OSError as exc:
-            if exc.errno == errno.EINTR:
-                continue
-            raise
-        if got == 0:
-            break
-        total += got
-        if total >= want:
-            break
-        # Drop the slots filled, and the filled head of the one the read stopped in.
-        rest: list[memoryview] = []
-        skip = got
-        for s in iov:
-            if skip >= len(s):
-                skip -= len(s)
-                continue
-            rest.append(s[skip:] if skip else s)
-            skip = 0
-        iov = rest
-    return total

@@ -2,7 +2,8 @@
 
 A single ``pread`` may return fewer bytes than asked for in the middle of a file: FUSE trees,
 network filesystems and libguestfs' message size cap all do it.  Every reader in both daemons
-(local layers, tftpd block reads, the guestfs worker) goes through :func:`read_exact` so that a
+(local layers, tftpd block reads, the guestfs worker) goes through :func:`read_exact` -- or,
+reading into buffers it already has (tftpd's DATA frames), :func:`preadv_exact` -- so that a
 short read is retried in one place and end of file is the only thing that ends one early.
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+
+#: Iovecs per ``preadv`` (Linux's IOV_MAX).
+IOV_MAX = 1024
 
 
 def read_exact(pread: Callable[[int, int], bytes], size: int, offset: int,
@@ -47,3 +51,27 @@ def read_whole(fd: int, size: int) -> bytes | None:
     if len(data) < size:  # a short read mid-file (FUSE): finish it the careful way
         data += pread_exact(fd, size + 1 - len(data), len(data))
     return data if len(data) == size else None
+
+
+def preadv_exact(fd: int, slots: list[memoryview], offset: int) -> int:
+    """Fill ``slots`` from ``fd`` at ``offset`` in order, as far as the file goes; returns the
+    bytes read.  Fewer than the slots hold only at end of file: a short ``preadv`` mid-file
+    (FUSE, network filesystems) is continued, as :func:`read_exact` does."""
+    total = 0
+    want = sum(len(s) for s in slots)
+    iov = slots
+    while True:
+        got = os.preadv(fd, iov[:IOV_MAX], offset + total)  # EINTR: retried by Python
+        total += got
+        if got == 0 or total >= want:
+            return total
+        # Drop the slots filled, and the filled head of the one the read stopped in.
+        rest: list[memoryview] = []
+        skip = got
+        for s in iov:
+            if skip >= len(s):
+                skip -= len(s)
+                continue
+            rest.append(s[skip:] if skip else s)
+            skip = 0
+        iov = rest
