@@ -396,7 +396,7 @@ class Pump:
 
         The hot path of every transfer (one call per ACK), so lock-step's common case -- the
         ACK of the newest block, and the next block goes out -- is handled here with one
-        Sender call (``ack_send``) and the send inline; anything else goes to
+        Sender call (``ack_send``); anything else goes to
         :meth:`_datagram`.  epoll is level-triggered, so a socket with more datagrams queued
         is simply reported again in the next pass (fair to the others, and no ``recv`` that
         fails with EAGAIN, an exception per packet, in lock-step where one ACK is all there
@@ -424,15 +424,9 @@ class Pump:
             if frame is None:  # not read yet: on_ready brings us back
                 sender.unsent(seq)
                 return
-            try:
-                t.sock.send(frame)
-            except BlockingIOError:
+            if not self._send_datagram(t, frame):  # the socket is full: sent when writable
                 sender.unsent(seq)
-                self._want_write(t)
                 return
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:  # ENOBUFS: dropped here, the timer resends
-                    raise PeerGone(os.strerror(exc.errno or 0)) from None
             self.datagrams += 1
             if len(frame) < t.seg:
                 t.final_len = len(frame) - 4

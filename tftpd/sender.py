@@ -206,16 +206,13 @@ class Sender:
         if (block != upto & 0xFFFF or upto < self.base or self.final is not None
                 or self.outcome is not None or self.windowsize != 1):
             return False
-        if self._window_clean:  # _rtt_sample, inline: this runs once per packet
-            old = self.srtt
-            sample = now - self._last_tx
-            self.srtt = sample if old is None else 0.875 * old + 0.125 * sample
-        else:
-            self._window_clean = True
+        if self._window_clean:
+            self._rtt_sample(now)
         seq = upto + 1
         self.base = self.sent_upto = seq
         self.resend_from = seq + 1
         self._tries = 0
+        self._window_clean = True
         self._window_sent_at = self._last_tx = now
         self.deadline = now + self.rto
         return True
