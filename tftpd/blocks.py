@@ -259,8 +259,6 @@ class BlockSource:
             frame = self.peek(seq)
             if frame is not None:
                 return frame
-            if self._cur is not None and seq < self._first:
-                raise RuntimeError(f"block {seq} was released before it was acknowledged")
             pending = self._pending
             if pending is None or not pending.is_set():
                 self._prefetch()
@@ -268,7 +266,8 @@ class BlockSource:
             self._take_prefetched()
 
     def peek(self, seq: int) -> memoryview | None:
-        """The frame of block ``seq`` if it is already read, else None."""
+        """The frame of block ``seq`` if it is already read, else None (RuntimeError if it
+        was released: acknowledged blocks are never asked again)."""
         c = self._holding(seq)
         if c is None:
             return None
@@ -276,9 +275,12 @@ class BlockSource:
         return c.frames.view[o:min(o + self._seg, c.end)]
 
     def _holding(self, seq: int) -> _Chunk | None:
+        """The chunk with block ``seq``; None if it is not read yet."""
         for c in (self._cur, *self._old):
             if c is not None and c.first <= seq <= c.last:
                 return c
+        if self._cur is not None and seq < self._first:
+            raise RuntimeError(f"block {seq} was released before it was acknowledged")
         return None
 
     async def block(self, seq: int) -> memoryview:
@@ -287,8 +289,6 @@ class BlockSource:
             frame = self.peek(seq)
             if frame is not None:
                 return frame[4:]
-            if self._cur is not None and seq < self._first:
-                raise RuntimeError(f"block {seq} was released before it was acknowledged")
             if self._eof and self._next is None and self._pending is None:
                 raise RuntimeError(f"block {seq} is past the end of the file")
             await self._fill()
@@ -314,8 +314,6 @@ class BlockSource:
             else:
                 c = self._holding(seq)
                 if c is None:
-                    if self._cur is not None and seq < self._first:
-                        raise RuntimeError(f"block {seq} was released before it was acknowledged")
                     pending = self._pending
                     if pending is None or not pending.is_set():
                         self._prefetch()
