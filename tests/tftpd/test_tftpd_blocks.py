@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import os
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,27 @@ async def test_lock_step_blocks_are_the_file_and_the_buffer_one_chunk(
     assert seq == len(data) // blksize + 1
 
 
+async def _lock_step(source: BlockSource,
+                     blksize: int) -> AsyncIterator[tuple[int, memoryview]]:
+    """Every block's frame as a lock-step transfer takes them from ``source.poll``: each
+    acknowledged before the next is asked, waiting for ``on_ready`` when a chunk is still
+    being read, up to the short last one."""
+    seq = 1
+    while True:
+        ready = trio.Event()
+        source.on_ready = ready.set
+        frame = source.poll(seq)
+        if frame is None:  # the next chunk is being read: on_ready says when
+            with trio.fail_after(5):
+                await ready.wait()
+            continue
+        yield seq, frame
+        if len(frame) < blksize + 4:
+            return
+        seq += 1
+        source.release_before(seq)
+
+
 @pytest.mark.parametrize("threads_free", [True, False])
 async def test_read_ahead_comes_back_whether_a_read_thread_is_free_or_not(
         tmp_path: Path, threads_free: bool) -> None:
@@ -104,22 +126,9 @@ async def test_read_ahead_comes_back_whether_a_read_thread_is_free_or_not(
                 limiter.release_on_behalf_of(holder)
             with trio.fail_after(5):
                 await ready.wait()
-            seq = 1
-            while True:
-                frame = source.poll(seq)
-                if frame is None:  # the next chunk is being read: on_ready says when
-                    ready = trio.Event()
-                    source.on_ready = ready.set
-                    with trio.fail_after(5):
-                        await ready.wait()
-                    continue
+            async for seq, frame in _lock_step(source, 1428):
                 assert bytes(frame[:4]) == bytes([0, 3, (seq >> 8) & 0xFF, seq & 0xFF])
-                block = frame[4:]
-                got.update(block)
-                source.release_before(seq + 1)
-                if len(block) < 1428:
-                    break
-                seq += 1
+                got.update(frame[4:])
     finally:
         source.close()
         handle.close()
@@ -134,33 +143,21 @@ async def test_a_lock_step_transfer_reads_into_two_buffers_in_turn(tmp_path: Pat
     data = os.urandom(1_000_000)
     handle = _handle_on(tmp_path, data)
     source = BlockSource(handle, 1428, 64 * 1024, trio.CapacityLimiter(2))
-    ready = trio.Event()
-    source.on_ready = ready.set
     buffers: dict[int, object] = {}  # held: an id is not reused while its object lives
     got = hashlib.sha256()
+    blocks = 0
     try:
         async with trio.open_nursery() as nursery:
             source.start_prefetch(nursery.start_soon)
-            seq = 1
-            while True:
-                source.release_before(seq)
-                frame = source.poll(seq)
-                if frame is None:
-                    with trio.fail_after(5):
-                        await ready.wait()
-                    ready = trio.Event()
-                    source.on_ready = ready.set
-                    continue
+            async for seq, frame in _lock_step(source, 1428):
                 buffers[id(frame.obj)] = frame.obj
                 got.update(frame[4:])
-                if len(frame) < 1432:
-                    break
-                seq += 1
+                blocks = seq
     finally:
         source.close()
         handle.close()
     assert got.hexdigest() == hashlib.sha256(data).hexdigest()
-    assert seq > 10 * chunk_size(64 * 1024, 1428) // 1428  # many chunks
+    assert blocks > 10 * chunk_size(64 * 1024, 1428) // 1428  # many chunks
     assert len(buffers) == 2
 
 
