@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,16 +77,25 @@ class _Helper:
     answered: int = 0
 
 
+#: What an open delivers: the file (its descriptor -1 when read whole) and its bytes if small.
+Opened = tuple[OpenedFile, bytes | None]
+
+
 class _Waiting:
-    """One session waiting for its reply."""
+    """One request waiting for its reply: a session task (:meth:`OpenerPool.open`) or a
+    callback (:meth:`OpenerPool.submit`), which then also holds a limiter token until its
+    reply is delivered."""
 
-    __slots__ = ("task", "request", "path", "sends")
+    __slots__ = ("deliver", "request", "path", "sends", "holds_token")
 
-    def __init__(self, task: trio.lowlevel.Task, request: bytes, path: str) -> None:
-        self.task = task
+    def __init__(self, deliver: Callable[[outcome.Outcome[Opened]], object], request: bytes,
+                 path: str, *, holds_token: bool = False) -> None:
+        self.deliver = deliver
         self.request = request
         self.path = path
         self.sends = 1
+        self.holds_token = holds_token
+
 
 
 class OpenerPool:
@@ -154,7 +165,7 @@ class OpenerPool:
         waiting, self._waiting = self._waiting, {}
         self._unsent.clear()
         for w in waiting.values():
-            trio.lowlevel.reschedule(w.task, outcome.Error(OpenerUnavailable(why)))
+            self._complete(w, outcome.Error(OpenerUnavailable(why)))
 
     def _replace(self, dead: _Helper) -> None:
         """The helper ended: start another and send it what the dead one had, once."""
@@ -182,7 +193,7 @@ class OpenerPool:
         for ident, w in list(self._waiting.items()):
             if w.sends >= 2:
                 del self._waiting[ident]
-                trio.lowlevel.reschedule(w.task, outcome.Error(
+                self._complete(w, outcome.Error(
                     OSError(errno.EIO, "file opener process exited twice on this file")))
             else:
                 w.sends += 1
@@ -238,7 +249,20 @@ class OpenerPool:
             for fd in fds:
                 os.close(fd)
             return
-        trio.lowlevel.reschedule(w.task, outcome.capture(self._result, n, fds, w.path))
+        self._complete(w, outcome.capture(self._result, n, fds, w.path))
+
+    def _complete(self, w: _Waiting, result: outcome.Outcome[Opened]) -> None:
+        """Hand ``result`` to its waiter; a callback's token goes back first, so the callback
+        can start reads of its own.  A callback that raises is a bug in it: logged, and the
+        pool goes on with the other replies."""
+        if not w.holds_token:
+            w.deliver(result)
+            return
+        self._limiter.release_on_behalf_of(w)
+        try:
+            w.deliver(result)
+        except Exception:
+            log.exception("file opener callback failed path=%s", w.path)
 
     def _result(self, n: int, fds: array.array[int], path: str
                 ) -> tuple[OpenedFile, bytes | None]:
@@ -298,8 +322,9 @@ class OpenerPool:
         try:
             ident = next(self._ids) & 0xFFFFFFFF
             request = encode_request(ident, client, relpath, small)
-            self._waiting[ident] = _Waiting(trio.lowlevel.current_task(), request,
-                                            self._roots.path_of(client, relpath))
+            self._waiting[ident] = _Waiting(
+                functools.partial(trio.lowlevel.reschedule, trio.lowlevel.current_task()),
+                request, self._roots.path_of(client, relpath))
             self._send(request)
 
             def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
@@ -310,3 +335,33 @@ class OpenerPool:
             return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
         finally:
             self._limiter.release_on_behalf_of(borrower)
+
+    def submit(self, client: str, relpath: str, small: int,
+               deliver: Callable[[outcome.Outcome[Opened]], object]) -> int | None:
+        """:meth:`open` without a task: ``deliver`` is called on the event loop with the
+        outcome :meth:`open` would return or raise.  Returns the request's id (for
+        :meth:`forget`), or None -- nothing sent, ``deliver`` never called -- when helpers
+        cannot run or every ``--read-threads`` token is taken: the caller then waits in a task.
+
+        Why: a session task's wait costs a task switch at each end; for a small file that was
+        a large part of the whole request (tftpd/session.py).
+        """
+        if not self.available:
+            return None
+        ident = next(self._ids) & 0xFFFFFFFF
+        request = encode_request(ident, client, relpath, small)
+        w = _Waiting(deliver, request, self._roots.path_of(client, relpath), holds_token=True)
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(w)
+        except trio.WouldBlock:
+            return None
+        self._waiting[ident] = w
+        self._send(request)
+        return ident
+
+    def forget(self, ident: int) -> None:
+        """The caller of :meth:`submit` stopped waiting (shutdown): its reply, whenever it
+        comes, is dropped and its descriptor closed; its token goes back now."""
+        w = self._waiting.pop(ident, None)
+        if w is not None and w.holds_token:
+            self._limiter.release_on_behalf_of(w)

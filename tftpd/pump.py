@@ -108,6 +108,14 @@ class TimedOut(Exception):
     """The retry budget is spent without an ACK."""
 
 
+class Expired(Exception):
+    """The transfer ran past its time limit (``Transfer.expires``)."""
+
+
+class PumpStopped(Exception):
+    """The pump ended (the server is stopping) while the transfer was still running."""
+
+
 class Transfer:
     """The pump's record of one transfer in its DATA phase."""
 
@@ -120,8 +128,9 @@ class Transfer:
             return (sender.final - 1) * self.blksize + self.final_len
         return sender.sent_upto * self.blksize
 
-    __slots__ = ("sock", "fd", "sender", "source", "blksize", "seg", "gso", "final_len", "done",
-                 "error", "finished", "timer_at", "want_write", "ignored", "lockstep")
+    __slots__ = ("sock", "fd", "sender", "source", "blksize", "seg", "gso", "final_len",
+                 "on_end", "error", "finished", "timer_at", "want_write", "ignored", "lockstep",
+                 "expires")
 
     def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
                  gso: bool) -> None:
@@ -133,7 +142,8 @@ class Transfer:
         self.seg = blksize + 4  # bytes of a full DATA datagram
         self.gso = gso
         self.final_len = 0  # payload bytes of the last block, once it went out
-        self.done = trio.Event()
+        #: Called once when the transfer ends (``error`` None: every block acknowledged).
+        self.on_end: Callable[[Transfer], None] | None = None
         self.error: BaseException | None = None
         self.finished = False
         self.timer_at: float | None = None
@@ -141,6 +151,10 @@ class Transfer:
         self.ignored = 0  # datagrams that were neither ACK nor ERROR
         #: RFC 1350 lock-step (windowsize 1): every ACK takes the pump's fast lane.
         self.lockstep = sender.windowsize == 1
+        #: ``time.perf_counter()`` past which the transfer ends with :class:`Expired`; a
+        #: timer is kept armed for it, so a client that trickles ACKs or a read that never
+        #: returns cannot hold the transfer longer.
+        self.expires = float("inf")
 
 
 class Pump:
@@ -182,24 +196,45 @@ class Pump:
         :meth:`transfer`); the caller reads its byte count however the transfer ends."""
         return Transfer(sock, sender, source, blksize, gso)
 
-    async def transfer(self, t: Transfer) -> None:
-        """Run the DATA phase of ``t`` to its end.
+    def start(self, t: Transfer, on_end: Callable[[Transfer], None]) -> None:
+        """Begin the DATA phase of ``t``: its first window goes out now, from the caller, and
+        ``on_end(t)`` is called once when it ends -- ``t.error`` is None when the last block
+        was acknowledged, else :class:`PeerGone`, :class:`ClientError`, :class:`TimedOut`,
+        :class:`Expired`, :class:`PumpStopped` or the file's ``OSError``.  ``on_end`` may run
+        before this returns (the first send found the client gone).
 
-        Returns when the last block is acknowledged; raises :class:`PeerGone`,
-        :class:`ClientError`, :class:`TimedOut` or the file's ``OSError`` otherwise.
-        Cancelling the caller takes the socket out of the pump (the caller closes it
-        afterwards).
+        No task waits for the transfer: a small request costs no scheduler round trip of its
+        own once its file is open (tftpd/session.py).  :meth:`cancel` takes ``t`` out
+        without calling ``on_end``.
         """
         sender, source = t.sender, t.source
+        t.on_end = on_end
         source.acked = lambda: sender.base - 1  # what read-ahead may drop from its buffer
         source.on_ready = lambda: self._make_runnable(t)
         self._by_fd[t.fd] = t
         try:
             self._ep.register(t.fd, _EPOLLIN)
-            # The first window goes out now, from the session's task: no pump round trip.
-            self._advance(t, time.perf_counter())
-            self._schedule(t)
-            await t.done.wait()
+        except BaseException:
+            self._detach(t)
+            raise
+        self._step(t, time.perf_counter(), self._advance)
+
+    def cancel(self, t: Transfer) -> None:
+        """Take ``t`` out of the pump now, without calling its ``on_end`` (its owner ends it:
+        shutdown, a cancelled task)."""
+        self._detach(t)
+
+    async def transfer(self, t: Transfer) -> None:
+        """Run the DATA phase of ``t`` to its end, waiting in the caller's task.
+
+        Returns when the last block is acknowledged; raises what :meth:`start` would hand to
+        ``on_end``.  Cancelling the caller takes the socket out of the pump (the caller
+        closes it afterwards).
+        """
+        done = trio.Event()
+        try:
+            self.start(t, lambda _t: done.set())
+            await done.wait()
         finally:
             self._detach(t)
         if t.error is not None:
@@ -236,7 +271,12 @@ class Pump:
             return
         t.error = error
         self._detach(t)
-        t.done.set()
+        on_end, t.on_end = t.on_end, None
+        if on_end is not None:
+            try:
+                on_end(t)
+            except Exception:  # a bug in the owner's callback must not end the pump
+                log.exception("transfer end callback failed fd=%d", t.fd)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -290,7 +330,7 @@ class Pump:
         finally:
             # Sessions are cancelled before the pump; anything left must not wait forever.
             for t in list(self._by_fd.values()):
-                self._finish(t, RuntimeError("transfer pump stopped"))
+                self._finish(t, PumpStopped("transfer pump stopped"))
 
     def _pass(self, now: float) -> bool:
         """One pass over what is ready: woken transfers, readable sockets, due timers.
@@ -368,7 +408,7 @@ class Pump:
         what a handler's exception means.  The transfer's own ends (client gone or aborting,
         retries spent, the file's read error) go to its session as they are; anything else is
         a bug, logged with its traceback -- it ends this transfer, never the pump."""
-        if not isinstance(exc, (PeerGone, ClientError, TimedOut, OSError)):
+        if not isinstance(exc, (PeerGone, ClientError, TimedOut, Expired, OSError)):
             log.error("transfer pump failed fd=%d", t.fd, exc_info=exc)
         self._finish(t, exc)
 
@@ -377,7 +417,11 @@ class Pump:
         later (every ACK pushes them out), so an entry already in the heap is kept and
         re-armed when it fires early: about one heap push per RTO, not one per packet."""
         at = t.sender.deadline
-        if at is None or t.finished:
+        if at is None or at > t.expires:
+            at = t.expires
+            if at == float("inf"):
+                return
+        if t.finished:
             return
         if t.timer_at is None or at < t.timer_at:
             t.timer_at = at
@@ -488,6 +532,8 @@ class Pump:
         t.ignored += 1
 
     def _expired(self, t: Transfer, now: float) -> None:
+        if now >= t.expires:
+            raise Expired
         if t.sender.deadline is None or t.sender.deadline > now:
             self._schedule(t)
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -436,8 +437,8 @@ class TftpServer:
                             self._listen_scope.cancel()
                         async with trio.open_nursery() as listen:
                             for tsock, rsock in zip(listeners, raw, strict=True):
-                                listen.start_soon(self._listen_loop, tsock, rsock, sessions,
-                                                  ctx, buckets)
+                                listen.start_soon(self._listen_loop, tsock, rsock, ctx,
+                                                  buckets)
                             log.info("listening addresses=%s root=%s mode=%s%s",
                                      ",".join(f"{h}:{p}" for h, p in self.addresses),
                                      self.config.root,
@@ -457,11 +458,13 @@ class TftpServer:
                         if self.stats.active:
                             log.warning("grace period over: ending transfers active=%d",
                                         self.stats.active)
+                    self._abort_sessions()
                     sessions.cancel_scope.cancel()
                 engine.cancel_scope.cancel()  # every session has ended: the pump is idle
         finally:
             for sock in listeners:
                 sock.close()
+            self._abort_sessions()  # cancelled from outside: nobody may be left waiting
             pump.close()
             opener.close()
         counters = " ".join(f"{k}={v}" for k, v in self.stats.as_dict().items())
@@ -484,7 +487,6 @@ class TftpServer:
             self._listen_scope.cancel()
 
     async def _listen_loop(self, sock: trio.socket.SocketType, raw: socket.socket,
-                           sessions: trio.Nursery,
                            ctx: SessionContext, bucket: _TokenBucket) -> None:
         anc_size = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
         bound_host = sock.getsockname()[0]
@@ -505,8 +507,7 @@ class TftpServer:
                 await trio.sleep(0.01)
                 continue
             try:
-                self._handle_datagram(raw, data, ancdata, addr, bound_host, sessions, ctx,
-                                      bucket)
+                self._handle_datagram(raw, data, ancdata, addr, bound_host, ctx, bucket)
             except Exception:
                 log.exception("cannot handle request peer=%s", addr)
             handled += 1
@@ -540,7 +541,7 @@ class TftpServer:
 
     def _handle_datagram(self, sock: socket.socket, data: bytes,
                          ancdata: list[tuple[int, int, bytes]], addr: tuple, bound_host: str,
-                         sessions: trio.Nursery, ctx: SessionContext,
+                         ctx: SessionContext,
                          bucket: _TokenBucket) -> None:
         client = normalise_ip(addr[0])
         port = addr[1]
@@ -602,24 +603,27 @@ class TftpServer:
             self._reply_error(sock, addr, ERR_NOT_DEFINED, "server cannot open a transfer port",
                               bucket, dest)
             return
-        session = Session(ctx, packet, client, port, local or "", ssock)
+        session = Session(ctx, packet, client, port, local or "", ssock,
+                          on_end=functools.partial(self._ended, key))
         self._active[key] = session
         self.stats.active += 1
         self._idle = trio.Event() if self.stats.active == 1 else self._idle
-        sessions.start_soon(self._run_session, key, session)
+        session.start()
 
-    async def _run_session(self, key: tuple[str, int], session: Session) -> None:
-        result: SessionResult | None = None
-        try:
-            result = await session.run()
-        finally:
-            del self._active[key]
-            self.limits.release(key[0])
-            self.stats.active -= 1
-            if not self.stats.active:
-                self._idle.set()
-            res = result or session.result
-            self._account(res)
+    def _ended(self, key: tuple[str, int], res: SessionResult) -> None:
+        """A session is over (called once by it, with or without a task of its own)."""
+        del self._active[key]
+        self.limits.release(key[0])
+        self.stats.active -= 1
+        if not self.stats.active:
+            self._idle.set()
+        self._account(res)
+
+    def _abort_sessions(self) -> None:
+        """End the sessions no task serves (waiting for their open, or in the pump); the
+        others end when the session nursery is cancelled."""
+        for session in list(self._active.values()):
+            session.abort()
 
     def _account(self, res: SessionResult) -> None:
         st = self.stats

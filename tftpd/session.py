@@ -24,9 +24,10 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import outcome
 import trio
 
 from vfsroot.fileio import read_whole
@@ -44,7 +45,7 @@ from .packets import (
     Request,
 )
 from .paths import PathRefused, normalise
-from .pump import ClientError, PeerGone, Pump, TimedOut
+from .pump import ClientError, Expired, PeerGone, Pump, PumpStopped, TimedOut, Transfer
 from .roots import ClientRoots, OpenedFile, OpenRefused
 from .sender import Sender
 
@@ -103,7 +104,17 @@ class SessionContext:
 
 
 class Session:
-    """One RRQ from (client, port), served from its own socket until done or abandoned."""
+    """One RRQ from (client, port), served from its own socket until done or abandoned.
+
+    :meth:`start` serves it; ``on_end`` gets the :class:`SessionResult` exactly once, however
+    it ends (done, refused, failed, shut down).  The common request runs without a task of its
+    own: its open goes to the helper process with a callback (:meth:`OpenerPool.submit`), and
+    the reply starts the DATA phase in the pump (:meth:`Pump.start`), whose end is another
+    callback.  For a small config file the two task switches a session task made at each of
+    those waits were a large share of the whole request.  What has to wait in between -- the
+    OACK exchange, the netascii size of a large file, an open while the helper cannot take it
+    -- continues in a task in the server's session nursery.
+    """
 
     def __init__(
         self,
@@ -113,28 +124,36 @@ class Session:
         port: int,
         local: str,
         sock: socket.socket,
+        on_end: Callable[[SessionResult], object] = lambda _result: None,
     ) -> None:
         self._ctx = ctx
         self._policy = ctx.policy
         self._request = request
         self._sock = sock
         self._local = local
+        self._on_end = on_end
         self.result = SessionResult(client=client, port=port, filename=request.filename)
+        self._started = time.monotonic()
+        #: When the transfer's time limit runs out, in ``time.perf_counter()`` (the pump's
+        #: clock) and in trio's clock (a task's cancel scope).
+        limit = self._policy.max_transfer_seconds
+        self._expires = time.perf_counter() + limit
+        self._deadline = trio.current_time() + limit
         self._handle: FileHandle | None = None
+        self._opened: OpenedFile | None = None
+        self._whole: bytes | None = None
         self._source: BlockSource | None = None
-        self._sender: Sender | None = None
+        self._transfer: Transfer | None = None
+        #: The helper's request id while a task-less open is out, and what it asked for.
+        self._pending: int | None = None
+        self._wanted: tuple[str, int] = ("", 0)
+        #: A task serves the rest of the request (it ends the session itself).
+        self._in_task = False
+        self._ended = False
 
     @property
     def _final_sent(self) -> bool:
-        return self._sender is not None and self._sender.final_sent
-
-    def _collect(self, sender: Sender) -> None:
-        c = sender.counters
-        res = self.result
-        res.blocks += c.blocks
-        res.retransmits += c.retransmits
-        res.duplicate_acks += c.duplicate_acks
-        res.ignored_acks += c.ignored_acks
+        return self._transfer is not None and self._transfer.sender.final_sent
 
     # -- socket helpers for the OACK phase (one round trip: trio per packet is fine) ----------
 
@@ -173,59 +192,275 @@ class Session:
         with contextlib.suppress(OSError):
             self._sock.send(packets.encode_error(code, message))
 
-    # -- the transfer ---------------------------------------------------------------------------
+    # -- start and end ----------------------------------------------------------------------------
 
-    async def run(self) -> SessionResult:
-        """Serve the request; never raises except trio.Cancelled (the result says what happened)."""
-        res = self.result
-        current_client.set(res.client)
-        started = time.monotonic()
+    def start(self) -> None:
+        """Serve the request (see the class): refusals and the open's request right here,
+        the rest when the open's reply comes."""
         try:
-            # trio.fail_after without its generator-based context manager (per request).
-            with trio.CancelScope(
-                    deadline=trio.current_time() + self._policy.max_transfer_seconds) as scope:
-                await self._prepare_and_send()
-            if scope.cancelled_caught:
-                raise trio.TooSlowError
-        except PeerGone as exc:
+            relpath = self._check()
+            if relpath is None:
+                self._end(None)
+                return
+            small = self._small()
+            self._wanted = (relpath, small)
+            opener = self._ctx.opener
+            ident = (opener.submit(self.result.client, relpath, small, self._reply)
+                     if opener is not None else None)
+        except Exception as exc:
+            self._end(exc)
+            return
+        if ident is None:  # no helper, or no free --read-threads token: wait in a task
+            self._spawn(self._open_and_serve, relpath, small)
+        else:
+            self._pending = ident
+
+    def abort(self) -> None:
+        """The server is stopping and its grace is over: end a session that no task serves
+        (a task-served one ends when its task is cancelled)."""
+        if not self._in_task:
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        if self._ended:
+            return
+        self.result.outcome = "shutdown"
+        self.send_error_nowait(ERR_NOT_DEFINED, "server shutting down")
+        self._end(None)
+
+    def _end(self, exc: BaseException | None) -> None:
+        """The session is over (``exc``: why, if it failed): count, close, report -- once."""
+        if self._ended:
+            return
+        self._ended = True
+        res = self.result
+        if exc is not None:
+            self._record(exc)
+        if self._pending is not None and self._ctx.opener is not None:
+            self._ctx.opener.forget(self._pending)
+            self._pending = None
+        t = self._transfer
+        if t is not None:
+            self._ctx.pump.cancel(t)
+            c = t.sender.counters
+            res.blocks += c.blocks
+            res.retransmits += c.retransmits
+            res.duplicate_acks += c.duplicate_acks
+            res.ignored_acks += c.ignored_acks + t.ignored
+            res.bytes_sent += t.bytes_sent
+        res.seconds = time.monotonic() - self._started
+        if self._source is not None:
+            self._source.close()  # a read still in flight is not needed
+        if self._handle is not None:
+            self._handle.close()
+        self._sock.close()
+        self._on_end(res)
+
+    def _record(self, exc: BaseException) -> None:
+        """Turn what ended the session into its outcome (and the ERROR the client gets)."""
+        res = self.result
+        if isinstance(exc, PeerGone):
             res.outcome = "ok-unconfirmed" if self._final_sent else "client-gone"
             res.detail = str(exc)
-        except ClientError as exc:
+        elif isinstance(exc, ClientError):
             res.outcome = "aborted-by-client"
             res.detail = f"code={exc.code} message={exc.message!r}"
-        except TimedOut:
+        elif isinstance(exc, TimedOut):
             res.outcome = "timeout"
             self.send_error_nowait(ERR_NOT_DEFINED, "transfer timed out")
-        except trio.TooSlowError:
+        elif isinstance(exc, Expired):
             res.outcome = "timeout"
             res.detail = f"transfer exceeded {self._policy.max_transfer_seconds:g} s"
             self.send_error_nowait(ERR_NOT_DEFINED, "transfer took too long")
-        except trio.Cancelled:
+        elif isinstance(exc, PumpStopped):
             res.outcome = "shutdown"
             self.send_error_nowait(ERR_NOT_DEFINED, "server shutting down")
-            raise
-        except OSError as exc:  # the file: EIO from a disk behind the FUSE tree, ...
+        elif isinstance(exc, OSError):  # the file: EIO from a disk behind the FUSE tree, ...
             res.outcome = "read-error"
             res.detail = f"{exc.strerror or exc}"
             self.send_error_nowait(ERR_NOT_DEFINED, f"cannot read file: {exc.strerror or exc}")
-        except Exception as exc:  # a bug must end this transfer only
+        else:  # a bug must end this transfer only
             res.outcome = "error"
             res.detail = f"{type(exc).__name__}: {exc}"
-            log.exception("transfer failed client=%s file=%r", res.client, res.filename)
+            log.error("transfer failed client=%s file=%r", res.client, res.filename,
+                      exc_info=exc)
             self.send_error_nowait(ERR_NOT_DEFINED, "internal server error")
-        finally:
-            res.seconds = time.monotonic() - started
-            if self._source is not None:
-                self._source.close()  # a read still in flight is not needed
-            if self._handle is not None:
-                self._handle.close()
-            self._sock.close()
-        return res
 
-    async def _refuse(self, code: int, message: str, outcome: str) -> None:
+    # -- the task, where one is needed ----------------------------------------------------------
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        spawn = self._ctx.spawn
+        self._in_task = True
+        if spawn is None:
+            self._end(RuntimeError("no nursery to run the session task in"))
+            return
+        try:
+            spawn(self._task, fn, *args)
+        except RuntimeError:  # the session nursery is closed: the server is stopping
+            self._shut_down()
+
+    async def _task(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run ``fn(*args)`` under the transfer's time limit; end the session however it ends.
+        Never raises except trio.Cancelled."""
+        current_client.set(self.result.client)
+        error: BaseException | None = None
+        try:
+            # trio.fail_after without its generator-based context manager (per request).
+            with trio.CancelScope(deadline=self._deadline) as scope:
+                await fn(*args)
+            if scope.cancelled_caught:
+                error = Expired()
+        except trio.Cancelled:
+            self._shut_down()
+            raise
+        except Exception as exc:
+            error = exc
+        self._end(error)
+
+    async def _open_and_serve(self, relpath: str, small: int) -> None:
+        try:
+            opened, whole = await self._open(relpath, small)
+        except OpenRefused as exc:
+            self._refuse_open(exc)
+            return
+        self._adopt(opened, whole)
+        await self._serve_opened()
+
+    async def _serve_opened(self) -> None:
+        """Everything after the open that may wait: the netascii size, the OACK exchange,
+        the DATA phase."""
+        size = self._size()
+        if size is None:
+            assert self._handle is not None
+            size = await offload.run_sync(
+                functools.partial(netascii.encoded_size, self._handle.pread_exact),
+                self._ctx.limiter)
+        neg, rto = self._negotiate(size)
+        if neg.oack:
+            await self._send_oack(neg.oack, rto)
+        await self._ctx.pump.transfer(self._launch(neg, rto))
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def _refuse(self, code: int, message: str, outcome: str) -> None:
         self.result.outcome = outcome
         self.result.detail = message
         self.send_error_nowait(code, message)
+
+    def _refuse_open(self, exc: OpenRefused) -> None:
+        outcome = "not-found" if exc.code == ERR_FILE_NOT_FOUND else "refused-file"
+        self._refuse(exc.code, str(exc), outcome)
+
+    def _check(self) -> str | None:
+        """The request's path, normalised, or None when the request is refused (the client
+        has its ERROR)."""
+        req = self._request
+        if not req.is_read:
+            self._refuse(
+                ERR_ACCESS_VIOLATION,
+                "uploads are not supported: this TFTP server is read-only",
+                "refused-write",
+            )
+            return None
+        if req.mode not in ("octet", "netascii"):
+            self._refuse(
+                ERR_ILLEGAL_OPERATION,
+                f"transfer mode {req.mode!r} is not supported (use octet or netascii)",
+                "refused-mode",
+            )
+            return None
+        try:
+            return normalise(req.filename)
+        except PathRefused as exc:
+            self._refuse(ERR_ACCESS_VIOLATION, str(exc), "refused-path")
+            return None
+
+    def _small(self) -> int:
+        """Files up to this size are read with their open: one read-ahead chunk (blksize
+        does not depend on the file, so the read size is known before the open)."""
+        req = self._request
+        blksize = negotiate(req.options, self._policy, tsize=0,
+                            blksize_cap=self._mtu_cap()).blksize if req.options else (
+                                packets.BLKSIZE_DEFAULT)
+        return chunk_size(self._policy.read_ahead, blksize)
+
+    def _reply(self, result: outcome.Outcome[tuple[OpenedFile, bytes | None]]) -> None:
+        """The helper's answer to a task-less open (called on the event loop)."""
+        self._pending = None
+        if self._ended:  # shut down meanwhile: leak nothing
+            if isinstance(result, outcome.Value) and result.value[0].fd >= 0:
+                os.close(result.value[0].fd)
+            return
+        try:
+            opened, whole = result.unwrap()
+        except OpenerUnavailable:  # helpers stopped running: open in a worker thread
+            self._spawn(self._open_and_serve, *self._wanted)
+            return
+        except OpenRefused as exc:
+            self._refuse_open(exc)
+            self._end(None)
+            return
+        except Exception as exc:
+            self._end(exc)
+            return
+        try:
+            self._adopt(opened, whole)
+            size = self._size()
+            neg, rto = self._negotiate(size) if size is not None else (None, 0.0)
+            if neg is None or neg.oack:  # something to wait for: a task goes on from here
+                self._spawn(self._serve_opened)
+                return
+            self._ctx.pump.start(self._launch(neg, rto), self._transfer_ended)
+        except Exception as exc:
+            self._end(exc)
+
+    def _transfer_ended(self, t: Transfer) -> None:
+        error, t.error = t.error, None  # (see Pump.transfer: no cycle through the traceback)
+        self._end(error)
+
+    def _adopt(self, opened: OpenedFile, whole: bytes | None) -> None:
+        """Own the opened file from here: :meth:`_end` closes it however the session ends."""
+        self._opened, self._whole = opened, whole
+        if whole is None:
+            self._handle = FileHandle(opened.fd, expect=(opened.size, opened.mtime_ns))
+
+    def _size(self) -> int | None:
+        """The transfer size (``tsize``), or None when it takes reading a large file (the
+        netascii size of a file not read whole)."""
+        assert self._opened is not None
+        req = self._request
+        if req.mode == "netascii" and "tsize" in req.options:
+            if self._handle is None:
+                return netascii.encoded_len(self._whole or b"")
+            return None
+        return self._opened.size
+
+    def _negotiate(self, size: int) -> tuple[Negotiated, float]:
+        """The options we accept, and the retransmission interval: the client's ``timeout``
+        option is the interval it expects from us."""
+        neg = negotiate(self._request.options, self._policy, tsize=size,
+                        blksize_cap=self._mtu_cap())
+        self.result.options = dict(neg.oack)
+        rto = neg.timeout if "timeout" in neg.oack else self._policy.retransmit_timeout
+        return neg, rto
+
+    def _launch(self, neg: Negotiated, rto: float) -> Transfer:
+        """The DATA phase's source, sender and pump record (not started yet)."""
+        source = BlockSource(
+            self._handle, neg.blksize, self._policy.read_ahead, self._ctx.limiter,
+            netascii=self._request.mode == "netascii",
+            whole_file=self._whole,
+            windowsize=neg.windowsize,
+        )
+        self._source = source
+        if self._ctx.spawn is not None:
+            source.start_prefetch(self._ctx.spawn)
+        sender = Sender(neg.windowsize, rto, self._policy.retries,
+                        holdoff_min=self._policy.resend_holdoff_min)
+        t = self._ctx.pump.add(self._sock, sender, source, neg.blksize, gso=self._policy.gso)
+        t.expires = self._expires
+        self._transfer = t
+        return t
 
     async def _open(self, relpath: str, small: int) -> tuple[OpenedFile, bytes | None]:
         """Open in the helper process (tftpd/opener.py), or where it cannot run in a worker
@@ -267,78 +502,6 @@ class Session:
             with lock:
                 state["abandoned"] = True
             raise
-
-    async def _prepare_and_send(self) -> None:
-        req = self._request
-        if not req.is_read:
-            await self._refuse(
-                ERR_ACCESS_VIOLATION,
-                "uploads are not supported: this TFTP server is read-only",
-                "refused-write",
-            )
-            return
-        if req.mode not in ("octet", "netascii"):
-            await self._refuse(
-                ERR_ILLEGAL_OPERATION,
-                f"transfer mode {req.mode!r} is not supported (use octet or netascii)",
-                "refused-mode",
-            )
-            return
-        try:
-            relpath = normalise(req.filename)
-        except PathRefused as exc:
-            await self._refuse(ERR_ACCESS_VIOLATION, str(exc), "refused-path")
-            return
-        # blksize does not depend on the file: the read size is known before the open.
-        blksize = negotiate(req.options, self._policy, tsize=0,
-                            blksize_cap=self._mtu_cap()).blksize if req.options else (
-                                packets.BLKSIZE_DEFAULT)
-        try:
-            opened, whole = await self._open(
-                relpath, chunk_size(self._policy.read_ahead, blksize))
-        except OpenRefused as exc:
-            outcome = "not-found" if exc.code == ERR_FILE_NOT_FOUND else "refused-file"
-            await self._refuse(exc.code, str(exc), outcome)
-            return
-        handle = None
-        if whole is None:
-            # Owned by the session from here: run() closes it however the transfer ends.
-            self._handle = handle = FileHandle(opened.fd, expect=(opened.size, opened.mtime_ns))
-        is_netascii = req.mode == "netascii"
-        size = opened.size
-        if is_netascii and "tsize" in req.options:
-            if handle is None:
-                size = netascii.encoded_len(whole or b"")
-            else:
-                size = await offload.run_sync(
-                    functools.partial(netascii.encoded_size, handle.pread_exact),
-                    self._ctx.limiter)
-        neg = negotiate(req.options, self._policy, tsize=size, blksize_cap=self._mtu_cap())
-        self.result.options = dict(neg.oack)
-        source = BlockSource(
-            handle, neg.blksize, self._policy.read_ahead, self._ctx.limiter,
-            netascii=is_netascii,
-            whole_file=whole,
-            windowsize=neg.windowsize,
-        )
-        # The client's ``timeout`` option is the retransmission interval it expects from us.
-        rto = neg.timeout if "timeout" in neg.oack else self._policy.retransmit_timeout
-        if neg.oack:
-            await self._send_oack(neg.oack, rto)
-        self._source = source
-        if self._ctx.spawn is not None:
-            source.start_prefetch(self._ctx.spawn)
-        sender = Sender(neg.windowsize, rto, self._policy.retries,
-                        holdoff_min=self._policy.resend_holdoff_min)
-        self._sender = sender
-        pump = self._ctx.pump
-        transfer = pump.add(self._sock, sender, source, neg.blksize, gso=self._policy.gso)
-        try:
-            await pump.transfer(transfer)
-        finally:
-            self._collect(sender)
-            self.result.bytes_sent += transfer.bytes_sent
-            self.result.ignored_acks += transfer.ignored
 
     def _mtu_cap(self) -> int | None:
         if not self._policy.mtu_clamp:
