@@ -126,11 +126,11 @@ class Transfer:
         sender = self.sender
         if sender.final is not None:
             return (sender.final - 1) * self.blksize + self.final_len
-        return sender.sent_upto * self.blksize
+        return max(sender.sent_upto, 0) * self.blksize
 
     __slots__ = ("sock", "fd", "sender", "source", "blksize", "seg", "gso", "final_len",
                  "on_end", "error", "finished", "timer_at", "want_write", "ignored", "lockstep",
-                 "expires")
+                 "expires", "oack")
 
     def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
                  gso: bool) -> None:
@@ -155,6 +155,8 @@ class Transfer:
         #: timer is kept armed for it, so a client that trickles ACKs or a read that never
         #: returns cannot hold the transfer longer.
         self.expires = float("inf")
+        #: The OACK datagram, when the sender starts with it (block 0).
+        self.oack: bytes | None = None
 
 
 class Pump:
@@ -553,13 +555,18 @@ class Pump:
         first, last = due
         source = t.source
         if first == last:  # lock-step, or one block due
-            frame = source.poll(first)
-            if frame is None:
-                return
+            if first:
+                frame = source.poll(first)
+                if frame is None:
+                    return
+            else:  # block 0: the OACK (tftpd/sender.py)
+                frame = t.oack
+                assert frame is not None, "block 0 is due but there is no OACK"
             if not self._send_datagram(t, frame):
                 return
-            self.datagrams += 1
-            final = len(frame) < t.seg
+            if first:
+                self.datagrams += 1
+            final = len(frame) < t.seg and first != 0
             if final:
                 t.final_len = len(frame) - 4
             sender.sent(first, first, now, final=final)

@@ -9,6 +9,10 @@ at a clock of its own, so every rule below is unit- and property-tested without 
 (tests/tftpd/test_tftpd_sender.py); whatever drives it (tftpd/pump.py) only moves bytes and
 time.
 
+With options, the OACK is block 0 (``Sender(..., oack=True)``): it goes out alone, its ACK 0
+opens the first window, and it is retransmitted and given up on like any block -- one machine
+for the whole exchange after the request.
+
 Block numbers are an unbounded sequence (``seq``, block 1 = first DATA); only the wire form
 wraps, ``seq & 0xFFFF``, so 65535 is followed by 0 (docs/clients.md: the rollover every large
 kernel or initrd needs), inside a window too.  An ACK is mapped back to the one ``seq`` in
@@ -73,7 +77,7 @@ class Sender:
     )
 
     def __init__(self, windowsize: int, rto: float, retries: int, *,
-                 holdoff_min: float = 0.002) -> None:
+                 holdoff_min: float = 0.002, oack: bool = False) -> None:
         if windowsize < 1:
             raise ValueError("windowsize must be at least 1")
         self.windowsize = windowsize
@@ -81,10 +85,11 @@ class Sender:
         self.retries = retries
         self.holdoff_min = holdoff_min
         self._counters = SenderCounters()
-        self.base = 1  # first unacknowledged block
-        self.sent_upto = 0  # highest block sent so far
+        first = 0 if oack else 1  # block 0: the OACK, acknowledged by ACK 0
+        self.base = first  # first unacknowledged block
+        self.sent_upto = first - 1  # highest block sent so far
         self.final: int | None = None  # the last block, once the driver has sent it
-        self.resend_from = 1  # first block due
+        self.resend_from = first  # first block due
         #: When the blocks in flight are due again (None: nothing in flight).
         self.deadline: float | None = None
         #: None while running; "ok" or "timeout" once over.
@@ -100,12 +105,14 @@ class Sender:
     def counters(self) -> SenderCounters:
         """The transfer's counts so far.  ``blocks`` (distinct blocks sent) is the highest
         block sent, so it is read from there, not counted per packet."""
-        self._counters.blocks = self.sent_upto
+        self._counters.blocks = self.sent_upto if self.sent_upto > 0 else 0
         return self._counters
 
     # -- what to send ----------------------------------------------------------------------
 
     def window_end(self) -> int:
+        if not self.base:
+            return 0  # the OACK goes out alone
         end = self.base + self.windowsize - 1
         if self.final is not None and end > self.final:
             end = self.final
@@ -242,6 +249,9 @@ class Sender:
             self._counters.ignored_acks += 1  # stale (older than base - 1) or never sent
             return IGNORED
         if seq == prev:
+            if prev < 0:  # "the block before the OACK": nothing we sent
+                self._counters.ignored_acks += 1
+                return IGNORED
             self._counters.duplicate_acks += 1
             if now - self._window_sent_at >= self.holdoff():
                 self.resend_from = self.base

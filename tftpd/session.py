@@ -1,23 +1,22 @@
-"""One read request, from RRQ to its outcome: checks, open, option negotiation, OACK.
+"""One read request, from RRQ to its outcome: checks, open, option negotiation.
 
 A session owns one UDP socket, bound to the local address the request arrived on and connected
 to the client's (ip, port): the kernel then delivers only the client's packets, and a vanished
 client shows up as ``ECONNREFUSED`` instead of a long timeout.
 
-The session does what happens once per transfer, in its own trio task: refuse what must be
-refused (uploads, modes, paths), open the file in a worker thread (a file that fits in one
-read-ahead chunk is read in the same thread call -- most boot requests are small configs),
-negotiate options (tftpd/options.py) and exchange OACK / ACK 0.  The DATA phase, where the
-packets are, is handed to the process's transfer pump (tftpd/pump.py) which drives the sans-IO
-sender (tftpd/sender.py) for every transfer at once; the session task just waits for the
-outcome and turns it into a :class:`SessionResult`.
+The session does what happens once per transfer: refuse what must be refused (uploads, modes,
+paths), have the file opened (tftpd/opener.py; a file that fits in one read-ahead chunk comes
+back read whole -- most boot requests are small configs) and negotiate options
+(tftpd/options.py).  Everything after that -- the OACK, the DATA blocks, their ACKs,
+retransmissions -- is one exchange driven by the process's transfer pump (tftpd/pump.py)
+through the sans-IO sender (tftpd/sender.py), for every transfer at once.  The session turns
+how it ended into a :class:`SessionResult`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import functools
 import logging
 import os
@@ -41,7 +40,6 @@ from .packets import (
     ERR_FILE_NOT_FOUND,
     ERR_ILLEGAL_OPERATION,
     ERR_NOT_DEFINED,
-    MalformedPacket,
     Request,
 )
 from .paths import PathRefused, normalise
@@ -64,8 +62,6 @@ current_client: contextvars.ContextVar[str] = contextvars.ContextVar(
 IP_MTU = 14  # linux/in.h; not exported by Python 3.11's socket module
 IPV6_MTU = 24  # linux/in6.h
 
-#: The OACK phase receives ACK 0 or an ERROR; anything longer is truncated, harmlessly.
-_RECV_SIZE = 2048
 
 
 @dataclass
@@ -112,8 +108,8 @@ class Session:
     the reply starts the DATA phase in the pump (:meth:`Pump.start`), whose end is another
     callback.  For a small config file the two task switches a session task made at each of
     those waits were a large share of the whole request.  What has to wait in between -- the
-    OACK exchange, the netascii size of a large file, an open while the helper cannot take it
-    -- continues in a task in the server's session nursery.
+    netascii size of a large file, an open while the helper cannot take it -- continues in a
+    task in the server's session nursery.
     """
 
     def __init__(
@@ -154,38 +150,6 @@ class Session:
     @property
     def _final_sent(self) -> bool:
         return self._transfer is not None and self._transfer.sender.final_sent
-
-    # -- socket helpers for the OACK phase (one round trip: trio per packet is fine) ----------
-
-    def _send_now(self, packet: bytes) -> bool:
-        try:
-            self._sock.send(packet)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:
-                return True  # dropped locally: retransmission recovers, like a lost packet
-            raise PeerGone(os.strerror(exc.errno or 0)) from None
-        return True
-
-    async def _send(self, packet: bytes) -> None:
-        while not self._send_now(packet):
-            await trio.lowlevel.wait_writable(self._sock)
-
-    async def _recv(self, deadline: float) -> bytes | None:
-        """Next datagram from the client, or None when ``deadline`` passes."""
-        sock = self._sock
-        while True:
-            try:
-                return sock.recv(_RECV_SIZE)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise PeerGone(os.strerror(exc.errno or 0)) from None
-            if trio.current_time() >= deadline:
-                return None
-            with trio.move_on_at(deadline):
-                await trio.lowlevel.wait_readable(sock)
 
     def send_error_nowait(self, code: int, message: str) -> None:
         """Best effort ERROR to the client (also used from cancelled/shutdown paths)."""
@@ -327,18 +291,15 @@ class Session:
         await self._serve_opened()
 
     async def _serve_opened(self) -> None:
-        """Everything after the open that may wait: the netascii size, the OACK exchange,
-        the DATA phase."""
+        """Everything after the open, when the size takes a read (netascii, ``tsize``, a
+        file not read whole) or the open itself ran in this task."""
         size = self._size()
         if size is None:
             assert self._handle is not None
             size = await offload.run_sync(
                 functools.partial(netascii.encoded_size, self._handle.pread_exact),
                 self._ctx.limiter)
-        neg, rto = self._negotiate(size)
-        if neg.oack:
-            await self._send_oack(neg.oack, rto)
-        await self._ctx.pump.transfer(self._launch(neg, rto))
+        await self._ctx.pump.transfer(self._launch(*self._negotiate(size)))
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -406,11 +367,10 @@ class Session:
         try:
             self._adopt(opened, whole)
             size = self._size()
-            neg, rto = self._negotiate(size) if size is not None else (None, 0.0)
-            if neg is None or neg.oack:  # something to wait for: a task goes on from here
+            if size is None:  # the size takes a read: a task goes on from here
                 self._spawn(self._serve_opened)
                 return
-            self._ctx.pump.start(self._launch(neg, rto), self._transfer_ended)
+            self._ctx.pump.start(self._launch(*self._negotiate(size)), self._transfer_ended)
         except Exception as exc:
             self._end(exc)
 
@@ -455,10 +415,14 @@ class Session:
         self._source = source
         if self._ctx.spawn is not None:
             source.start_prefetch(self._ctx.spawn)
+        # With options, the OACK is the sender's block 0: sent, retransmitted and answered
+        # (ACK 0, or the ERROR that ends a tsize probe) by the pump like any block.
         sender = Sender(neg.windowsize, rto, self._policy.retries,
-                        holdoff_min=self._policy.resend_holdoff_min)
+                        holdoff_min=self._policy.resend_holdoff_min, oack=bool(neg.oack))
         t = self._ctx.pump.add(self._sock, sender, source, neg.blksize, gso=self._policy.gso)
         t.expires = self._expires
+        if neg.oack:
+            t.oack = packets.encode_oack(neg.oack)
         self._transfer = t
         return t
 
@@ -514,35 +478,3 @@ class Session:
             return mtu - 20 - 8 - 4
         except OSError:
             return None
-
-    def _check_packet(self, data: bytes) -> None:
-        """A non-ACK packet from the client: ERROR ends the session, anything else is ignored."""
-        try:
-            packet = packets.parse(data)
-        except MalformedPacket:
-            self.result.ignored_acks += 1
-            return
-        if isinstance(packet, packets.Error):
-            raise ClientError(packet.code, packet.message)
-        self.result.ignored_acks += 1
-
-    async def _send_oack(self, oack: dict[str, str], rto: float) -> None:
-        """Send the OACK until ACK 0 arrives; an ERROR here is the tsize probe ending."""
-        packet = packets.encode_oack(oack)
-        for attempt in range(self._policy.retries + 1):
-            if attempt:
-                self.result.retransmits += 1
-            await self._send(packet)
-            deadline = trio.current_time() + rto
-            while True:
-                data = await self._recv(deadline)
-                if data is None:
-                    break
-                block = packets.ack_block(data)
-                if block is None:
-                    self._check_packet(data)
-                elif block == 0:
-                    return
-                else:
-                    self.result.ignored_acks += 1
-        raise TimedOut

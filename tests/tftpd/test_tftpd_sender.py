@@ -190,6 +190,45 @@ def test_duplicate_ack_across_the_wrap() -> None:
     assert s.ack(1, now + 1.1) == PROGRESS
 
 
+# -- the OACK as block 0 ------------------------------------------------------------------------
+
+def test_the_oack_goes_out_alone_and_ack_0_opens_the_window() -> None:
+    s = Sender(4, rto=1.0, retries=3, oack=True)
+    assert s.to_send() == (0, 0)  # never DATA before the client accepted the options
+    s.sent(0, 0, 0.0)
+    assert s.to_send() is None
+    assert s.ack(1, 0.01) == IGNORED  # nothing of ours: block 1 was never sent
+    assert s.ack(0xFFFF, 0.01) == IGNORED  # "the block before the OACK"
+    assert s.to_send() is None
+    assert s.ack(0, 0.02) == PROGRESS
+    assert send_due(s, 0.02, 6) == [1, 2, 3, 4]
+    assert s.ack(4, 0.03) == PROGRESS
+    assert send_due(s, 0.03, 6) == [5, 6]
+    assert s.ack(6, 0.04) == DONE
+    assert s.counters.blocks == 6 and s.counters.retransmits == 0
+    assert s.counters.ignored_acks == 2 and s.counters.duplicate_acks == 0
+
+
+def test_an_unanswered_oack_is_resent_then_given_up() -> None:
+    s = Sender(1, rto=0.5, retries=2, oack=True)
+    s.sent(0, 0, 0.0)
+    assert s.counters.blocks == 0
+    for k in (1, 2):
+        assert s.timeout(0.5 * k)
+        assert s.to_send() == (0, 0)
+        s.sent(0, 0, 0.5 * k)
+    assert not s.timeout(1.5)
+    assert s.outcome == "timeout" and s.counters.retransmits == 2
+
+
+def test_lock_step_ack_0_sends_block_1_on_the_fast_path() -> None:
+    s = Sender(1, rto=1.0, retries=3, oack=True)
+    assert not s.ack_send(0, 0.0)  # nothing sent yet: not the fast path's case
+    s.sent(0, 0, 0.0)
+    assert s.ack_send(0, 0.01)
+    assert (s.base, s.sent_upto) == (1, 1)
+
+
 # -- whole transfers through a bad network -------------------------------------------------------
 
 class Receiver:
@@ -229,9 +268,11 @@ class Receiver:
 
 def simulate(windowsize: int, n_blocks: int, rng: random.Random, *, drop: float,
              duplicate: float, reorder: float, delay: float = 0.001,
-             retries: int = 40) -> tuple[Sender, Receiver, int]:
-    """Run one transfer on a fake clock; returns (sender, receiver, datagrams sent)."""
-    s = Sender(windowsize, rto=0.05, retries=retries, holdoff_min=0.002)
+             retries: int = 40, oack: bool = False) -> tuple[Sender, Receiver, int]:
+    """Run one transfer on a fake clock; returns (sender, receiver, datagrams sent).  With
+    ``oack`` the exchange starts with the OACK as block 0, which the receiver answers with
+    ACK 0 (as it answers any block it did not expect: with its last in-order block)."""
+    s = Sender(windowsize, rto=0.05, retries=retries, holdoff_min=0.002, oack=oack)
     r = Receiver(windowsize, n_blocks, patience=0.2)
     net: list[tuple[float, int, str, int]] = []  # (arrival, tiebreak, kind, number)
     tick = 0
@@ -289,25 +330,26 @@ def simulate(windowsize: int, n_blocks: int, rng: random.Random, *, drop: float,
 @settings(max_examples=150, deadline=None)
 @given(windowsize=st.integers(1, 16), n_blocks=st.integers(1, 200), seed=st.integers(0, 2**32),
        drop=st.sampled_from([0.0, 0.05, 0.2]), duplicate=st.sampled_from([0.0, 0.1, 0.3]),
-       reorder=st.sampled_from([0.0, 0.1, 0.5]))
+       reorder=st.sampled_from([0.0, 0.1, 0.5]), oack=st.booleans())
 def test_lossy_transfers_deliver_every_block_in_order(
         windowsize: int, n_blocks: int, seed: int, drop: float, duplicate: float,
-        reorder: float) -> None:
+        reorder: float, oack: bool) -> None:
     s, r, _ = simulate(windowsize, n_blocks, random.Random(seed), drop=drop,
-                       duplicate=duplicate, reorder=reorder)
+                       duplicate=duplicate, reorder=reorder, oack=oack)
     assert s.outcome == "ok"
     assert r.got == list(range(1, n_blocks + 1))
     assert s.counters.blocks == n_blocks
 
 
 @settings(max_examples=60, deadline=None)
-@given(windowsize=st.integers(1, 16), n_blocks=st.integers(1, 300), seed=st.integers(0, 2**32))
+@given(windowsize=st.integers(1, 16), n_blocks=st.integers(1, 300), seed=st.integers(0, 2**32),
+       oack=st.booleans())
 def test_a_clean_network_gets_every_block_exactly_once(windowsize: int, n_blocks: int,
-                                                        seed: int) -> None:
+                                                        seed: int, oack: bool) -> None:
     s, r, datagrams = simulate(windowsize, n_blocks, random.Random(seed), drop=0.0,
-                               duplicate=0.0, reorder=0.0)
+                               duplicate=0.0, reorder=0.0, oack=oack)
     assert r.done and s.outcome == "ok"
-    assert datagrams == n_blocks
+    assert datagrams == n_blocks + oack
     assert s.counters.retransmits == s.counters.duplicate_acks == 0
 
 
