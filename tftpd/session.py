@@ -131,10 +131,8 @@ class Session:
         self.result = SessionResult(client=client, port=port, filename=request.filename)
         self._started = time.monotonic()
         #: When the transfer's time limit runs out, in ``time.perf_counter()`` (the pump's
-        #: clock) and in trio's clock (a task's cancel scope).
-        limit = self._policy.max_transfer_seconds
-        self._expires = time.perf_counter() + limit
-        self._deadline = trio.current_time() + limit
+        #: clock; a task converts it to trio's).
+        self._expires = time.perf_counter() + self._policy.max_transfer_seconds
         self._handle: FileHandle | None = None
         self._opened: OpenedFile | None = None
         self._whole: bytes | None = None
@@ -205,7 +203,8 @@ class Session:
             self._pending = None
         t = self._transfer
         if t is not None:
-            self._ctx.pump.cancel(t)
+            if not t.finished:
+                self._ctx.pump.cancel(t)
             c = t.sender.counters
             res.blocks += c.blocks
             res.retransmits += c.retransmits
@@ -270,7 +269,8 @@ class Session:
         error: BaseException | None = None
         try:
             # trio.fail_after without its generator-based context manager (per request).
-            with trio.CancelScope(deadline=self._deadline) as scope:
+            deadline = trio.current_time() + (self._expires - time.perf_counter())
+            with trio.CancelScope(deadline=deadline) as scope:
                 await fn(*args)
             if scope.cancelled_caught:
                 error = Expired()
