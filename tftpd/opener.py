@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import outcome
 import trio
@@ -61,6 +62,19 @@ _BOOT = ("import sys; sys.path.insert(0, {parent!r}); "
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
+
+
+#: Replies taken per wake-up before others get a turn (the rest wait for the next one).
+_REPLIES_PER_PASS = 32
+
+
+class Watcher(Protocol):
+    """What reads the helper's socket when it is readable: the transfer pump
+    (:meth:`tftpd.pump.Pump.watch`)."""
+
+    def watch(self, fd: int, on_readable: Callable[[], object]) -> None: ...
+
+    def unwatch(self, fd: int) -> None: ...
 
 
 class OpenerUnavailable(Exception):
@@ -105,9 +119,11 @@ class OpenerPool:
     and :meth:`close` it at the end.
     """
 
-    def __init__(self, roots: ClientRoots, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, roots: ClientRoots, limiter: trio.CapacityLimiter, *,
+                 watcher: Watcher | None = None) -> None:
         self._roots = roots
         self._limiter = limiter
+        self._watcher = watcher
         self._helper: _Helper | None = None
         self._waiting: dict[int, _Waiting] = {}
         self._ids = itertools.count(1)
@@ -218,25 +234,54 @@ class OpenerPool:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Read replies and hand each to its session, until cancelled or helpers cannot run."""
+        """Read replies and hand each to its waiter, until cancelled or helpers cannot run.
+
+        With a ``watcher`` (the transfer pump) the helper's socket is read from the pump's
+        pass, sharing its wake-up with the requests and ACKs of that moment; this task only
+        replaces a helper that ended."""
         task_status.started()
-        buf = [self._buf]
+        watcher = self._watcher
         while self.available and self._helper is not None:
             helper = self._helper
-            sock = helper.sock
+            if watcher is None:
+                if self._read_replies(helper):
+                    await trio.lowlevel.wait_readable(helper.sock)
+                    continue
+            else:
+                fd = helper.sock.fileno()
+                gone = trio.Event()
+
+                def on_readable(helper: _Helper = helper, fd: int = fd,
+                                gone: trio.Event = gone) -> None:
+                    if not self._read_replies(helper):
+                        watcher.unwatch(fd)  # at once: its end of file stays readable
+                        gone.set()
+
+                watcher.watch(fd, on_readable)
+                try:
+                    await gone.wait()
+                finally:
+                    watcher.unwatch(fd)
+            self._replace(helper)
+
+    def _read_replies(self, helper: _Helper) -> bool:
+        """Take the replies waiting on ``helper``'s socket (at most a pass's worth) and
+        deliver them; False once that helper has ended (its socket is at its end)."""
+        buf = [self._buf]
+        sock = helper.sock
+        for _ in range(_REPLIES_PER_PASS):
             try:
                 n, ancdata, _flags, _addr = sock.recvmsg_into(buf, _FD_SPACE)
             except BlockingIOError:
                 self._flush()
-                await trio.lowlevel.wait_readable(sock)
-                continue
+                return True
             except OSError:
                 n, ancdata = 0, []
             if n == 0:
-                self._replace(helper)
-                continue
+                return False
             helper.answered += 1
             self._deliver(n, ancdata)
+        return True
 
     def _deliver(self, n: int, ancdata: list[tuple[int, int, bytes]]) -> None:
         fds = array.array("i")

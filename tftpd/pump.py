@@ -177,6 +177,8 @@ class Pump:
         self._wake_sent = False
         self._ep.register(self._wake_fd, _EPOLLIN)
         self._recv_buf = bytearray(_RECV_SIZE)
+        #: Other sockets whose readiness shares the pump's wake-up (:meth:`watch`).
+        self._watched: dict[int, Callable[[], object]] = {}
         self._spin = spin_seconds
         self._spin_max = spin_max_sessions
         self._active = active
@@ -187,8 +189,35 @@ class Pump:
         self.gso_sends = 0
 
     def close(self) -> None:
+        self._watched.clear()
         self._ep.close()
         os.close(self._wake_fd)
+
+    # -- other sockets ---------------------------------------------------------------------------
+
+    def watch(self, fd: int, on_readable: Callable[[], object]) -> None:
+        """Call ``on_readable()`` from the pump's pass whenever ``fd`` is readable, until
+        :meth:`unwatch`.  The listen sockets and the file opener's socket are served this way:
+        a request, its open's reply and the ACKs of every transfer then share one wake-up of
+        the pump instead of a trio task switch each.  ``on_readable`` must not block; it
+        runs after the pass has handled its transfers' events, so the sockets it may open
+        or close never alias a descriptor of that pass.  What it raises is logged."""
+        self._ep.register(fd, _EPOLLIN)
+        self._watched[fd] = on_readable
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed); watching it no longer is harmless."""
+        if self._watched.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
+
+    async def serve_readable(self, fd: int, on_readable: Callable[[], object]) -> None:
+        """:meth:`watch` ``fd`` until cancelled (a task's whole job)."""
+        self.watch(fd, on_readable)
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.unwatch(fd)
 
     # -- transfers (called from session tasks) -----------------------------------------------
 
@@ -357,12 +386,22 @@ class Pump:
             self.wakeups += 1
             by_fd = self._by_fd
             event = self._event
+            ready: list[Callable[[], object]] = []
             for fd, ev in events:
                 t = by_fd.get(fd)
                 if t is not None:
                     event(t, now, ev)
                 elif fd == self._wake_fd:
                     self._drain_wake()
+                else:
+                    cb = self._watched.get(fd)
+                    if cb is not None:
+                        ready.append(cb)
+            for cb in ready:  # after the batch: see watch()
+                try:
+                    cb()
+                except Exception:
+                    log.exception("pump: callback for a watched socket failed")
             worked = True
         timers = self._timers
         if timers and timers[0][0] <= now:

@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
 SYSTEMD_FIRST_FD = 3
 
-#: Requests handled from one listen socket before other tasks get a turn.
-_REQUESTS_PER_CHECKPOINT = 16
+#: Requests taken from one listen socket per pass of the pump (the rest in the next pass).
+_REQUESTS_PER_PASS = 16
 
 #: Outcomes logged below INFO: none. Outcomes that hint at an attack or a broken setup: WARNING.
 _WARN_OUTCOMES = frozenset({"refused-path", "refused-file", "timeout", "refused-mode",
@@ -419,7 +419,7 @@ class TftpServer:
         self.pump = pump = Pump(spin_seconds=policy.spin_seconds,
                                 spin_max_sessions=policy.spin_max_sessions,
                                 active=lambda: self.stats.active)
-        self.opener = opener = OpenerPool(self._roots, self._limiter)
+        self.opener = opener = OpenerPool(self._roots, self._limiter, watcher=pump)
         ctx = SessionContext(
             roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
             active=lambda: self.stats.active, opener=opener,
@@ -437,8 +437,8 @@ class TftpServer:
                             self._listen_scope.cancel()
                         async with trio.open_nursery() as listen:
                             for tsock, rsock in zip(listeners, raw, strict=True):
-                                listen.start_soon(self._listen_loop, tsock, rsock, ctx,
-                                                  buckets)
+                                listen.start_soon(pump.serve_readable, rsock.fileno(),
+                                                  self._listener(tsock, rsock, ctx, buckets))
                             log.info("listening addresses=%s root=%s mode=%s%s",
                                      ",".join(f"{h}:{p}" for h, p in self.addresses),
                                      self.config.root,
@@ -486,34 +486,37 @@ class TftpServer:
         if self._listen_scope is not None:
             self._listen_scope.cancel()
 
-    async def _listen_loop(self, sock: trio.socket.SocketType, raw: socket.socket,
-                           ctx: SessionContext, bucket: _TokenBucket) -> None:
+    def _listener(self, sock: trio.socket.SocketType, raw: socket.socket, ctx: SessionContext,
+                  bucket: _TokenBucket) -> Callable[[], None]:
+        """What the pump calls when ``raw`` is readable (tftpd/pump.py ``watch``): take up to
+        ``_REQUESTS_PER_PASS`` requests and handle each.
+
+        A burst of requests (a rack powering on) costs one wake-up, shared with the ACKs of
+        every running transfer; a longer burst is handled over several passes of the pump,
+        which lets other tasks in between.
+        """
         anc_size = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(12)
         bound_host = sock.getsockname()[0]
         recvmsg = raw.recvmsg
-        handled = 0
-        while True:
-            # The raw non-blocking socket, drained until empty: a burst of requests (a rack
-            # powering on) costs one trio wait, not one per request.
-            try:
-                data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, anc_size)
-            except BlockingIOError:
-                handled = 0
-                await trio.lowlevel.wait_readable(raw)
-                continue
-            except OSError as exc:
-                # ICMP errors queued on the socket and the like: never let them end the loop.
-                log.debug("listen recv error=%s", exc)
-                await trio.sleep(0.01)
-                continue
-            try:
-                self._handle_datagram(raw, data, ancdata, addr, bound_host, ctx, bucket)
-            except Exception:
-                log.exception("cannot handle request peer=%s", addr)
-            handled += 1
-            if handled >= _REQUESTS_PER_CHECKPOINT:
-                handled = 0
-                await trio.lowlevel.checkpoint()
+        handle = self._handle_datagram
+
+        def on_readable() -> None:
+            for _ in range(_REQUESTS_PER_PASS):
+                try:
+                    data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, anc_size)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    # ICMP errors queued on the socket and the like: reported once, then the
+                    # socket reads on.
+                    log.debug("listen recv error=%s", exc)
+                    return
+                try:
+                    handle(raw, data, ancdata, addr, bound_host, ctx, bucket)
+                except Exception:
+                    log.exception("cannot handle request peer=%s", addr)
+
+        return on_readable
 
     def _reply_error(self, sock: socket.socket, addr: tuple, code: int, message: str,
                      bucket: _TokenBucket, local: tuple[str, int] | None = None) -> None:

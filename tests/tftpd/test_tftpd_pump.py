@@ -109,6 +109,41 @@ async def test_concurrent_transfers_share_wakeups(tree: Path) -> None:
         assert pump.wakeups < pump.datagrams / 2, (pump.wakeups, pump.datagrams)
 
 
+async def test_watched_sockets_are_read_from_the_pump(
+        tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A watched socket's callback runs from the pump's pass; one that raises is logged and
+    the pump goes on serving transfers; an unwatched socket is not called back."""
+    calls: list[bytes] = []
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+
+    def on_readable() -> None:
+        data = a.recv(64)
+        calls.append(data)
+        if data == b"raise":
+            raise RuntimeError("a bug in a callback")
+
+    with a, b:
+        async with running(tree) as (server, addr):
+            pump = server.pump
+            assert pump is not None
+            pump.watch(a.fileno(), on_readable)
+            b.send(b"raise")
+            b.send(b"one")
+            res = await fetch(addr, "whoami", bind=CLIENT_A)
+            assert res.size == len(CLIENT_A) + 1
+            with trio.fail_after(5):
+                while len(calls) < 2:
+                    await trio.sleep(0.01)
+            pump.unwatch(a.fileno())
+            b.send(b"two")
+            res = await fetch(addr, "whoami", bind=CLIENT_A)
+            assert res.size == len(CLIENT_A) + 1
+            await trio.sleep(0.1)
+    assert calls == [b"raise", b"one"]
+    assert any("watched socket failed" in r.getMessage() for r in caplog.records)
+
+
 def test_limits_are_shared_across_fork() -> None:
     limits = SessionLimits(3, 2, shared=True)
     assert limits.admit("10.0.0.1") is None
