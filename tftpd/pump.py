@@ -1,11 +1,13 @@
-"""One pump per process drives the DATA phase of every transfer.
+"""One pump per process drives every transfer, from its OACK to its last ACK.
 
 A boot storm is hundreds of transfers each moving a packet every few microseconds.  Giving
 each its own trio task costs one scheduler round trip per packet; here every live transfer
 socket is registered in one ``epoll`` object whose descriptor trio waits on, so one wake-up
 collects every socket that has ACKs queued, each is drained and answered in the same pass, and
 retransmission deadlines live in one timer heap.  The protocol decisions are all in
-:class:`tftpd.sender.Sender`; this module only moves bytes and time.
+:class:`tftpd.sender.Sender`; this module only moves bytes and time.  The server's listen
+sockets and the file opener's socket are in the same set (:meth:`Pump.watch`): new requests
+and the replies to their opens share the wake-up too.
 
 File data comes from :class:`tftpd.blocks.BlockSource` (worker threads, read ahead): when a
 block is not read yet, only that transfer waits -- the source calls back when its read is
@@ -219,7 +221,7 @@ class Pump:
         finally:
             self.unwatch(fd)
 
-    # -- transfers (called from session tasks) -----------------------------------------------
+    # -- transfers (called from sessions) ----------------------------------------------------
 
     def add(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int, *,
             gso: bool = True) -> Transfer:

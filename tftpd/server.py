@@ -1,4 +1,4 @@
-"""The listen loop: receive requests, enforce limits, start one session task per transfer.
+"""The server: receive requests, enforce limits, start a session per transfer, count them.
 
 Every listen socket asks the kernel for the request's destination address (IP_PKTINFO /
 IPV6_RECVPKTINFO), so each session socket is bound to the address the client talked to: on a

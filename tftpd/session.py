@@ -16,7 +16,6 @@ how it ended into a :class:`SessionResult`.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import logging
 import os
@@ -53,11 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The client a log line is about; set in each session task (trio copies the context per task).
-current_client: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "tftpd_client", default="-"
-)
 
 IP_MTU = 14  # linux/in.h; not exported by Python 3.11's socket module
 IPV6_MTU = 24  # linux/in6.h
@@ -105,8 +99,8 @@ class Session:
     :meth:`start` serves it; ``on_end`` gets the :class:`SessionResult` exactly once, however
     it ends (done, refused, failed, shut down).  The common request runs without a task of its
     own: its open goes to the helper process with a callback (:meth:`OpenerPool.submit`), and
-    the reply starts the DATA phase in the pump (:meth:`Pump.start`), whose end is another
-    callback.  For a small config file the two task switches a session task made at each of
+    the reply starts the transfer (OACK and DATA) in the pump (:meth:`Pump.start`), whose end
+    is another callback.  For a small config file the two task switches a session task made at each of
     those waits were a large share of the whole request.  What has to wait in between -- the
     netascii size of a large file, an open while the helper cannot take it -- continues in a
     task in the server's session nursery.
@@ -265,7 +259,6 @@ class Session:
     async def _task(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run ``fn(*args)`` under the transfer's time limit; end the session however it ends.
         Never raises except trio.Cancelled."""
-        current_client.set(self.result.client)
         error: BaseException | None = None
         try:
             # trio.fail_after without its generator-based context manager (per request).
