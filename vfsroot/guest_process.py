@@ -152,7 +152,10 @@ class GuestProcess:
                     raise GuestProcessError(errno.EIO, f"{self.label}: {reason}") from None
                 except BaseException:
                     # Cancelled mid-request: the stream is out of step; nothing can reuse it.
-                    self._dead = f"{what or op} was cancelled"
+                    # The reason is set before the kill's await: the disk's status is read
+                    # meanwhile, and our own timeout must not show as a cancellation there.
+                    self._dead = (f"{what or op} timed out after {timeout:g} s"
+                                  if scope.cancel_called else f"{what or op} was cancelled")
                     with trio.CancelScope(shield=True):
                         await self.kill()
                     raise
