@@ -5,13 +5,15 @@ cannot run on the event loop.  It used to run in a worker thread of the server; 
 configs that make up most of a boot, that thread cost more than the rest of the request,
 because the thread and the event loop hand the GIL to each other at each of the open's system
 calls (tftpd/opener_process.py says how much).  A helper process has its own GIL: here a
-request is one ``send``, and replies are read by one task (:meth:`OpenerPool.run`) that
-reschedules each waiting session -- several replies per wake-up when requests come in bursts.
+request is one ``send``, and each reply goes to its waiter -- a callback
+(:meth:`OpenerPool.submit`, how most sessions ask) or a waiting task (:meth:`OpenerPool.open`)
+-- several replies per wake-up when requests come in bursts.  In the server the replies are
+read from the transfer pump's pass (the ``watcher``), so they share its wake-up.
 
 One helper per worker process, with a pool of threads inside (``--read-threads``): a stuck
 open holds one of its threads and nothing else.  Requests carry ids, so a session that stops
-waiting (cancelled: shutdown, the transfer's time limit) simply forgets its id and the late
-reply is dropped, its descriptor closed.  Opens in flight are bounded by the server's
+waiting (shutdown, the transfer's time limit) simply forgets its id and the late reply is
+dropped, its descriptor closed.  Opens in flight are bounded by the server's
 ``CapacityLimiter`` (the same ``--read-threads``, shared with read-ahead).
 
 A helper that dies (killed by a signal: the OOM killer, an operator) is replaced at once and
@@ -109,7 +111,6 @@ class _Waiting:
         self.path = path
         self.sends = 1
         self.holds_token = holds_token
-
 
 
 class OpenerPool:

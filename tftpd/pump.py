@@ -230,7 +230,7 @@ class Pump:
         return Transfer(sock, sender, source, blksize, gso)
 
     def start(self, t: Transfer, on_end: Callable[[Transfer], None]) -> None:
-        """Begin the DATA phase of ``t``: its first window goes out now, from the caller, and
+        """Begin ``t``: its OACK or first window goes out now, from the caller, and
         ``on_end(t)`` is called once when it ends -- ``t.error`` is None when the last block
         was acknowledged, else :class:`PeerGone`, :class:`ClientError`, :class:`TimedOut`,
         :class:`Expired`, :class:`PumpStopped` or the file's ``OSError``.  ``on_end`` may run
@@ -258,7 +258,7 @@ class Pump:
         self._detach(t)
 
     async def transfer(self, t: Transfer) -> None:
-        """Run the DATA phase of ``t`` to its end, waiting in the caller's task.
+        """Run ``t`` to its end, waiting in the caller's task.
 
         Returns when the last block is acknowledged; raises what :meth:`start` would hand to
         ``on_end``.  Cancelling the caller takes the socket out of the pump (the caller

@@ -100,10 +100,10 @@ class Session:
     it ends (done, refused, failed, shut down).  The common request runs without a task of its
     own: its open goes to the helper process with a callback (:meth:`OpenerPool.submit`), and
     the reply starts the transfer (OACK and DATA) in the pump (:meth:`Pump.start`), whose end
-    is another callback.  For a small config file the two task switches a session task made at each of
-    those waits were a large share of the whole request.  What has to wait in between -- the
-    netascii size of a large file, an open while the helper cannot take it -- continues in a
-    task in the server's session nursery.
+    is another callback.  For a small config file the two task switches a session task made
+    at each of those waits were a large share of the whole request.  What has to wait in
+    between -- the netascii size of a large file, an open while the helper cannot take it --
+    continues in a task in the server's session nursery.
     """
 
     def __init__(
@@ -398,7 +398,7 @@ class Session:
         return neg, rto
 
     def _launch(self, neg: Negotiated, rto: float) -> Transfer:
-        """The DATA phase's source, sender and pump record (not started yet)."""
+        """The transfer's source, sender and pump record (not started yet)."""
         source = BlockSource(
             self._handle, neg.blksize, self._policy.read_ahead, self._ctx.limiter,
             netascii=self._request.mode == "netascii",
