@@ -63,6 +63,8 @@ _OP_ACK = packets.OP_ACK
 _EPOLLOUT = select.EPOLLOUT
 _ERRORS = select.EPOLLERR | select.EPOLLHUP
 _READABLE = _EPOLLIN | _ERRORS
+#: A time that never comes: no time limit, no deadline.
+_NEVER = float("inf")
 
 
 def _groups(runs: list[memoryview], seg: int,
@@ -156,7 +158,7 @@ class Transfer:
         #: ``time.perf_counter()`` past which the transfer ends with :class:`Expired`; a
         #: timer is kept armed for it, so a client that trickles ACKs or a read that never
         #: returns cannot hold the transfer longer.
-        self.expires = float("inf")
+        self.expires = _NEVER
         #: The OACK datagram, when the sender starts with it (block 0).
         self.oack: bytes | None = None
 
@@ -326,7 +328,7 @@ class Pump:
         now_trio = trio.current_time
         wait_readable = trio.lowlevel.wait_readable
         epfd = self._ep.fileno()
-        inf = float("inf")
+        inf = _NEVER
         try:
             while True:
                 # One cancel scope for as many sleeps as end in readiness (every ACK batch):
@@ -462,7 +464,7 @@ class Pump:
         at = t.sender.deadline
         if at is None or at > t.expires:
             at = t.expires
-            if at == float("inf"):
+            if at == _NEVER:
                 return
         if t.finished:
             return
