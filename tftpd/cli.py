@@ -25,6 +25,7 @@ from vfsroot.exporter import MetricsError, MetricsServer, bind_metrics, parse_me
 from vfsroot.systemd import notify
 
 from . import malloc
+from .handoff import Handoff
 from .limits import SessionLimits
 from .metrics import TftpCollector, WorkerMetrics, answer_parent, channel_pair
 from .packets import BLKSIZE_MAX, BLKSIZE_MIN, WINDOWSIZE_MAX
@@ -209,6 +210,8 @@ def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | No
     if config.inherited_fds:
         raise ConfigError("--workers > 1 needs --listen ADDR:PORT (systemd passes one socket)")
     limits = SessionLimits(config.max_sessions, config.max_sessions_per_ip, shared=True)
+    # Each request goes to the worker with the fewest transfers (tftpd/handoff.py).
+    inboxes, outboxes = Handoff.pairs(count)
     first = TftpServer(replace(config, reuse_port=True, worker=f"1/{count}"))
     first.share_limits(limits)
     first.bind()
@@ -224,6 +227,8 @@ def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | No
     except BaseException:
         for srv in [first, *others]:
             srv.close()
+        for sock in [*inboxes, *outboxes]:
+            sock.close()
         raise
     pids = []
     channels: list[socket.socket] = []
@@ -239,6 +244,7 @@ def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | No
                     end.close()
             if metrics is not None:
                 metrics.close_socket()
+            srv.share_handoff(Handoff.for_worker(i + 1, inboxes, outboxes))
             try:
                 trio.run(_run, srv, (), child_end)
                 code = 0
@@ -252,6 +258,7 @@ def _start_workers(config: ServerConfig, count: int, metrics: MetricsServer | No
         if parent_end is not None and child_end is not None:
             child_end.close()
             channels.append(parent_end)
+    first.share_handoff(Handoff.for_worker(0, inboxes, outboxes))
     return first, tuple(pids), channels
 
 

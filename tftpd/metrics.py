@@ -66,6 +66,8 @@ COUNTERS = {
                         "--max-sessions-per-ip."),
     "duplicate_requests": ("vfsroot_tftpd_duplicate_requests", "Re-sent RRQs of a transfer "
                            "already running (not started twice)."),
+    "handed_off": ("vfsroot_tftpd_handed_off_requests", "Requests admitted by one worker "
+                   "process and passed to the one with the fewest transfers (--workers)."),
     "malformed": ("vfsroot_tftpd_malformed_datagrams", "Datagrams on a listen socket that are "
                   "not valid TFTP requests."),
     "stray_datagrams": ("vfsroot_tftpd_stray_datagrams", "Valid TFTP packets that are not "

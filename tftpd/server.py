@@ -33,6 +33,7 @@ import trio
 from vfsroot.defaults import DEFAULT_MOUNT
 
 from . import packets
+from .handoff import Handoff, PassedRequest
 from .limits import BUSY, PER_IP, SessionLimits
 from .opener import OpenerPool
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
@@ -149,6 +150,8 @@ class ServerStats:
     shutdown: int = 0
     busy_rejections: int = 0
     duplicate_requests: int = 0
+    #: Requests admitted here and passed to a worker with fewer transfers (--workers).
+    handed_off: int = 0
     malformed: int = 0
     stray_datagrams: int = 0
     bytes_sent: int = 0
@@ -273,6 +276,26 @@ class TftpServer:
         self.pump: Pump | None = None
         #: The helper process that opens request files while :meth:`run` runs.
         self.opener: OpenerPool | None = None
+        #: With several workers: the inboxes requests are passed through (tftpd/handoff.py).
+        self._handoff: Handoff | None = None
+        #: Requests passed to another worker, until it says their session ended (or, should
+        #: that word be lost, until the longest transfer could have ended): a retransmitted
+        #: RRQ still reaches this worker and must not start a second transfer.
+        self._elsewhere: dict[tuple[str, int], float] = {}
+        #: Sessions running here for a request another worker passed: key -> that worker.
+        self._origin: dict[tuple[str, int], int] = {}
+        #: Listen sockets (and their bound hosts) by index, for requests passed here.
+        self._listening: list[tuple[socket.socket, str]] = []
+
+    @property
+    def _worker(self) -> int:
+        """This worker's index (0-based) in the shared limits."""
+        return self._handoff.worker if self._handoff is not None else 0
+
+    def share_handoff(self, handoff: Handoff) -> None:
+        """Place each request on the worker with the fewest transfers (``handoff`` made before
+        the workers were forked, with :meth:`share_limits`' limits)."""
+        self._handoff = handoff
 
     def share_limits(self, limits: SessionLimits) -> None:
         """Use ``limits`` (created before the workers were forked) instead of our own, so the
@@ -425,7 +448,12 @@ class TftpServer:
             active=lambda: self.stats.active, opener=opener,
         )
         buckets = _TokenBucket(self.config.error_replies_per_second)
+        self._listening = [(s, s.getsockname()[0]) for s in raw]
+        handoff = self._handoff
         try:
+            if handoff is not None:
+                pump.watch(handoff.inbox.fileno(), handoff.reader(
+                    functools.partial(self._on_passed, ctx, buckets), self._on_passed_ended))
             opener.start()  # inside the try: the finally below ends it however we stop
             async with trio.open_nursery() as engine:
                 await engine.start(pump.run)
@@ -436,9 +464,9 @@ class TftpServer:
                         if self._stop_requested:
                             self._listen_scope.cancel()
                         async with trio.open_nursery() as listen:
-                            for tsock, rsock in zip(listeners, raw, strict=True):
+                            for i, (tsock, rsock) in enumerate(zip(listeners, raw, strict=True)):
                                 listen.start_soon(pump.serve_readable, rsock.fileno(),
-                                                  self._listener(tsock, rsock, ctx, buckets))
+                                                  self._listener(tsock, rsock, ctx, buckets, i))
                             log.info("listening addresses=%s root=%s mode=%s%s",
                                      ",".join(f"{h}:{p}" for h, p in self.addresses),
                                      self.config.root,
@@ -465,6 +493,8 @@ class TftpServer:
             for sock in listeners:
                 sock.close()
             self._abort_sessions()  # cancelled from outside: nobody may be left waiting
+            if handoff is not None:
+                pump.unwatch(handoff.inbox.fileno())
             pump.close()
             opener.close()
         counters = " ".join(f"{k}={v}" for k, v in self.stats.as_dict().items())
@@ -487,7 +517,7 @@ class TftpServer:
             self._listen_scope.cancel()
 
     def _listener(self, sock: trio.socket.SocketType, raw: socket.socket, ctx: SessionContext,
-                  bucket: _TokenBucket) -> Callable[[], None]:
+                  bucket: _TokenBucket, index: int) -> Callable[[], None]:
         """What the pump calls when ``raw`` is readable (tftpd/pump.py ``watch``): take up to
         ``_REQUESTS_PER_PASS`` requests and handle each.
 
@@ -512,7 +542,7 @@ class TftpServer:
                     log.debug("listen recv error=%s", exc)
                     return
                 try:
-                    handle(raw, data, ancdata, addr, bound_host, ctx, bucket)
+                    handle(raw, data, ancdata, addr, bound_host, ctx, bucket, index)
                 except Exception:
                     log.exception("cannot handle request peer=%s", addr)
 
@@ -544,8 +574,7 @@ class TftpServer:
 
     def _handle_datagram(self, sock: socket.socket, data: bytes,
                          ancdata: list[tuple[int, int, bytes]], addr: tuple, bound_host: str,
-                         ctx: SessionContext,
-                         bucket: _TokenBucket) -> None:
+                         ctx: SessionContext, bucket: _TokenBucket, listener: int = 0) -> None:
         client = normalise_ip(addr[0])
         port = addr[1]
         if port == 0:
@@ -566,7 +595,7 @@ class TftpServer:
             return
         self.stats.requests += 1
         key = (client, port)
-        if key in self._active:
+        if key in self._active or (key in self._elsewhere and self._passed_running(key)):
             self.stats.duplicate_requests += 1
             log.debug("retransmitted request ignored client=%s port=%d file=%s", client, port,
                       _loggable(packet.filename))
@@ -574,7 +603,12 @@ class TftpServer:
         if self._stopping or self.limits.stopping:
             return
         cfg = self.config
-        refused = self.limits.admit(client)
+        handoff = self._handoff
+        if handoff is None:
+            refused, chosen = self.limits.admit(client), 0
+        else:
+            refused, chosen = self.limits.admit_balanced(client, handoff.worker,
+                                                         handoff.workers)
         if refused == BUSY:
             self.stats.busy_rejections += 1
             log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
@@ -592,6 +626,82 @@ class TftpServer:
                 f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, retry later",
                 bucket, dest)
             return
+        if handoff is not None and chosen != handoff.worker:
+            if handoff.pass_request(chosen, listener, addr, dest, data):
+                self.stats.handed_off += 1
+                if len(self._elsewhere) >= 4 * cfg.max_sessions:
+                    self._forget_expired()
+                self._elsewhere[key] = trio.current_time() + self._passed_lifetime()
+                return
+            self.limits.moved(chosen, handoff.worker)  # served here after all
+        self._start_session(sock, packet, addr, dest, bound_host, ctx, bucket)
+
+    def _passed_lifetime(self) -> float:
+        """Longest a passed request's session can run: its entry in ``_elsewhere`` is dropped
+        after that even if the other worker's word of its end was lost."""
+        policy = self.config.policy
+        return (policy.max_transfer_seconds + self._grace
+                + policy.retransmit_timeout * (policy.retries + 1))
+
+    def _passed_running(self, key: tuple[str, int]) -> bool:
+        """Whether the session of a request passed to another worker may still run."""
+        if self._elsewhere[key] > trio.current_time():
+            return True
+        del self._elsewhere[key]
+        return False
+
+    def _forget_expired(self) -> None:
+        """Drop the entries of passed requests whose end was never reported (a lost message,
+        a worker that died): they would only grow."""
+        now = trio.current_time()
+        for key in [k for k, until in self._elsewhere.items() if until <= now]:
+            del self._elsewhere[key]
+
+    def _on_passed_ended(self, client: str, port: int) -> None:
+        """The worker this one passed a request to says its session is over."""
+        self._elsewhere.pop((client, port), None)
+
+    def _on_passed(self, ctx: SessionContext, bucket: _TokenBucket,
+                   request: PassedRequest) -> None:
+        """A request another worker admitted and passed here: start its session as if it had
+        arrived on our own listen socket (the admission is already counted for us)."""
+        assert self._handoff is not None
+        client, port = normalise_ip(request.addr[0]), request.addr[1]
+        key = (client, port)
+        problem = None
+        if not 0 <= request.listener < len(self._listening):
+            problem = f"listen socket {request.listener} unknown"
+        elif self._stopping or self.limits.stopping:
+            problem = "stopping"
+        elif key in self._active:
+            problem = "a transfer for this client port is already running here"
+        packet = None
+        if problem is None:
+            try:
+                packet = packets.parse(request.data)
+            except MalformedPacket as exc:
+                problem = f"malformed: {exc}"
+            else:
+                if not isinstance(packet, packets.Request):
+                    problem = "not a request"
+        if problem is not None or packet is None:
+            self.limits.release(client, self._handoff.worker)
+            log.debug("passed request not started client=%s port=%d from worker=%d: %s",
+                      client, port, request.origin + 1, problem)
+            if key not in self._active:
+                self._handoff.ended(request.origin, client, port)
+            return
+        sock, bound_host = self._listening[request.listener]
+        self._start_session(sock, packet, request.addr, request.dest, bound_host, ctx, bucket,
+                            origin=request.origin)
+
+    def _start_session(self, sock: socket.socket, packet: packets.Request, addr: tuple,
+                       dest: tuple[str, int] | None, bound_host: str, ctx: SessionContext,
+                       bucket: _TokenBucket, *, origin: int | None = None) -> None:
+        """Open the session socket and start the transfer of an admitted request (``origin``:
+        the worker that passed it here, told when it ends)."""
+        client, port = normalise_ip(addr[0]), addr[1]
+        key = (client, port)
         local, ifindex = dest if dest is not None else (None, 0)
         if local is None and bound_host not in ("0.0.0.0", "::"):
             local = normalise_ip(bound_host)
@@ -600,15 +710,19 @@ class TftpServer:
         try:
             ssock = self._session_socket(local, ifindex, client, port)
         except OSError as exc:
-            self.limits.release(client)
+            self.limits.release(client, self._worker)
             log.error("cannot open a session socket client=%s local=%s error=%s", client,
                       local, exc.strerror or exc)
             self._reply_error(sock, addr, ERR_NOT_DEFINED, "server cannot open a transfer port",
                               bucket, dest)
+            if origin is not None and self._handoff is not None:
+                self._handoff.ended(origin, client, port)
             return
         session = Session(ctx, packet, client, port, local or "", ssock,
                           on_end=functools.partial(self._ended, key))
         self._active[key] = session
+        if origin is not None:
+            self._origin[key] = origin
         self.stats.active += 1
         self._idle = trio.Event() if self.stats.active == 1 else self._idle
         session.start()
@@ -616,7 +730,10 @@ class TftpServer:
     def _ended(self, key: tuple[str, int], res: SessionResult) -> None:
         """A session is over (called once by it, with or without a task of its own)."""
         del self._active[key]
-        self.limits.release(key[0])
+        self.limits.release(key[0], self._worker)
+        origin = self._origin.pop(key, None)
+        if origin is not None and self._handoff is not None:
+            self._handoff.ended(origin, *key)
         self.stats.active -= 1
         if not self.stats.active:
             self._idle.set()

@@ -202,6 +202,33 @@ async def test_falls_back_to_ipv4_when_ipv6_is_disabled(
     assert len(warnings) == 1 and "IPv4 only" in warnings[0], warnings
 
 
+async def test_workers_share_a_burst_of_transfers_evenly(tree: Path) -> None:
+    """Eight transfers at once over two workers run four on each, whatever the kernel's hash
+    of the client ports said: a busier worker passes the request on (tftpd/handoff.py)."""
+    cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0", "--workers", "2",
+                           "--retransmit", "5"])
+    try:
+        await cli.read_until(rb"worker=2/2")
+        addr = ("127.0.0.1", cli.port)
+        clients = [RawClient(addr, CLIENT_A) for _ in range(8)]
+        try:
+            for c in clients:
+                c.rrq("secret-a", blksize=1024)
+            for c in clients:  # all eight are running now: none is acknowledged
+                await c.expect(packets.OptionAck)
+            for c in clients:
+                c.send_peer(packets.encode_error(0, "enough"))
+        finally:
+            for c in clients:
+                c.close()
+        cli.proc.send_signal(signal.SIGTERM)
+        assert await cli.wait() == 0, cli.log.decode()
+        ran = re.findall(rb"stopped worker=\d/2 stats=.* aborted_by_client=(\d+)", cli.log)
+        assert sorted(int(n) for n in ran) == [4, 4], cli.log.decode()
+    finally:
+        cli.proc.kill()
+
+
 async def test_workers_share_the_port_and_keep_dedupe(tree: Path) -> None:
     """--workers 2: both processes serve one address; a retransmitted RRQ still reaches the
     same worker (SO_REUSEPORT hashes the client's address), so it is still deduplicated."""

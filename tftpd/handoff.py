@@ -1,0 +1,152 @@
+"""Requests passed between worker processes, so a boot storm is spread evenly over them.
+
+With ``--workers`` every process has its own listen socket on the same address
+(SO_REUSEPORT), and the kernel picks one by a hash of the client's address and port.  That
+keeps a retransmitted RRQ on the worker that has its transfer, but it spreads a storm only as
+evenly as coin tosses: 16 clients over two workers split 10/6 or worse almost half the time,
+and a worker with more transfers than the other is the one the last clients wait for (one
+process runs on one CPU) while the other CPU idles.  So at admission
+(:meth:`tftpd.limits.SessionLimits.admit_balanced`) a request goes to the worker with the
+fewest transfers, and when that is another one the request is passed to it here, as it
+arrived.
+
+Each worker has an inbox: one end of a Unix datagram socket pair made before the fork, read
+from the worker's transfer pump; every worker keeps the other ends to send on.  Two messages:
+
+* a request -- the listen socket's index (every worker binds the same list in the same
+  order), the client's address, the address the request was sent to (IP_PKTINFO) and the
+  datagram itself.  The receiver starts the session as if the request had reached its own
+  socket; the admission is already counted for it.
+* a session's end, sent back to the worker that passed the request: until then that worker
+  treats a retransmission of the request as a duplicate (the kernel keeps sending it there).
+
+Sends never block: a full or closed inbox means the request is served where it arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: Messages taken from the inbox per pass of the pump (the rest in the next pass).
+_MESSAGES_PER_PASS = 32
+#: Largest message: a request datagram (at most 65507 bytes) and a short header.
+_MAX_MESSAGE = 66000
+_REQUEST = b"R"
+_ENDED = b"E"
+
+
+@dataclass(frozen=True)
+class PassedRequest:
+    """A request another worker admitted and passed here."""
+
+    origin: int  # the worker that received it (and is told when its session ends)
+    listener: int  # index of the listen socket it arrived on
+    addr: tuple  # the client's address, as recvmsg gave it
+    dest: tuple[str, int] | None  # (local address, interface index) it was sent to
+    data: bytes  # the request datagram
+
+
+class Handoff:
+    """One worker's inbox and the other workers' inboxes to send to (``worker`` counts from
+    0 here; log lines count from 1)."""
+
+    def __init__(self, worker: int, inboxes: list[socket.socket],
+                 outboxes: list[socket.socket]) -> None:
+        self.worker = worker
+        self.inbox = inboxes[worker]
+        self._out = outboxes
+        self.workers = len(outboxes)
+
+    @staticmethod
+    def pairs(count: int) -> tuple[list[socket.socket], list[socket.socket]]:
+        """Inbox and outbox ends for ``count`` workers, made before the fork."""
+        inboxes, outboxes = [], []
+        for _ in range(count):
+            inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            inbox.setblocking(False)
+            outbox.setblocking(False)
+            # Room for a burst of passed requests (a rack powering on) before sends fail.
+            for sock, opt in ((inbox, socket.SO_RCVBUF), (outbox, socket.SO_SNDBUF)):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+            inboxes.append(inbox)
+            outboxes.append(outbox)
+        return inboxes, outboxes
+
+    @classmethod
+    def for_worker(cls, worker: int, inboxes: list[socket.socket],
+                   outboxes: list[socket.socket]) -> Handoff:
+        """This worker's part (call in the worker, after the fork): the other workers'
+        inboxes are closed here, so a worker that dies leaves nobody reading its inbox and a
+        send to it fails at once instead of filling a buffer nobody reads."""
+        for i, inbox in enumerate(inboxes):
+            if i != worker:
+                inbox.close()
+        return cls(worker, inboxes, outboxes)
+
+    def close(self) -> None:
+        self.inbox.close()
+        for sock in self._out:
+            sock.close()
+
+    def _send(self, worker: int, message: bytes) -> bool:
+        try:
+            self._out[worker].send(message)
+        except OSError as exc:  # full (EAGAIN), or nobody reads it any more
+            log.debug("cannot pass to worker=%d error=%s", worker + 1, exc)
+            return False
+        return True
+
+    def pass_request(self, worker: int, listener: int, addr: tuple,
+                     dest: tuple[str, int] | None, data: bytes) -> bool:
+        """Send a request to ``worker``; False if it cannot take it (serve it here then)."""
+        head = json.dumps([self.worker, listener, list(addr), dest]).encode()
+        return self._send(worker, _REQUEST + head + b"\0" + data)
+
+    def ended(self, origin: int, client: str, port: int) -> None:
+        """Tell ``origin`` that the session of the request it passed here is over."""
+        if not self._send(origin, _ENDED + json.dumps([client, port]).encode()):
+            # The origin then keeps treating the client's port as busy until its entry
+            # expires: a retransmitted RRQ from that port is ignored, nothing worse.
+            log.warning("cannot tell worker %d that a passed transfer ended client=%s "
+                        "port=%d", origin + 1, client, port)
+
+    def reader(self, on_request: Callable[[PassedRequest], None],
+               on_ended: Callable[[str, int], None]) -> Callable[[], None]:
+        """What the pump calls when the inbox is readable: take up to a pass's worth of
+        messages and hand each on.  A message that cannot be decoded is logged and dropped:
+        only our own workers write here."""
+        recv = self.inbox.recv
+
+        def on_readable() -> None:
+            for _ in range(_MESSAGES_PER_PASS):
+                try:
+                    message = recv(_MAX_MESSAGE)
+                except BlockingIOError:
+                    return
+                try:
+                    kind, rest = message[:1], message[1:]
+                    if kind == _REQUEST:
+                        head, _, data = rest.partition(b"\0")
+                        origin, listener, addr, dest = json.loads(head)
+                        request = PassedRequest(int(origin), int(listener), tuple(addr),
+                                                tuple(dest) if dest is not None else None,
+                                                data)
+                    elif kind == _ENDED:
+                        client, port = json.loads(rest)
+                    else:
+                        raise ValueError(f"unknown kind {kind!r}")
+                except (ValueError, TypeError) as exc:
+                    log.error("undecodable message from another worker error=%s", exc)
+                    continue
+                if kind == _REQUEST:
+                    on_request(request)
+                else:
+                    on_ended(str(client), int(port))
+
+        return on_readable
