@@ -4,8 +4,11 @@ losses with GSO on and off, and limits shared by worker processes."""
 from __future__ import annotations
 
 import errno
+import heapq
 import os
+import select
 import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,6 +145,47 @@ async def test_watched_sockets_are_read_from_the_pump(
             await trio.sleep(0.1)
     assert calls == [b"raise", b"one"]
     assert any("watched socket failed" in r.getMessage() for r in caplog.records)
+
+
+def test_waiting_in_epoll_backs_off_where_it_does_not_pay() -> None:
+    """A pass that finds nothing waits in epoll itself (no trio round trip) while transfers
+    run.  A wait that finds nothing passes up the next chances, twice as many after each such
+    miss in a row; one that finds something (or a due timer) starts over."""
+    pump = pump_mod.Pump()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    clock = time.perf_counter
+    try:
+        pump.watch(a.fileno(), lambda: None)
+        far = clock() + 60
+        assert pump._wait_direct(far) is None  # no transfer runs: sleep in trio
+        pump._by_fd[-1] = None  # type: ignore[assignment]  # stands for a running transfer
+        waited = []
+        for _ in range(7):
+            t0 = clock()
+            assert pump._wait_direct(far) is None
+            waited.append(clock() - t0 >= pump_mod._DIRECT_WAIT * 0.9)
+        # wait, pass up 1, wait, pass up 2, wait, pass up 4 ...
+        assert waited == [True, False, True, False, False, True, False], waited
+        for _ in range(3):  # the last three chances passed up
+            assert pump._wait_direct(far) is None
+        b.send(b"ack")
+        assert pump._wait_direct(far) == [(a.fileno(), select.EPOLLIN)]
+        assert pump._direct_backoff == 1
+        a.recv(16)
+        t0 = clock()
+        assert pump._wait_direct(clock() - 1) is None  # past the yield budget: no wait
+        assert clock() - t0 < pump_mod._DIRECT_WAIT / 2
+        # A timer due within the wait ends it, and is no miss: the next pass fires it.
+        heapq.heappush(pump._timers, (clock() + 0.0002, 0, None))  # type: ignore[arg-type]
+        assert pump._wait_direct(far) == []
+        assert (pump._direct_skip, pump._direct_backoff) == (0, 1)
+        assert pump._wait_direct(far) == []  # already due: no wait
+    finally:
+        pump.unwatch(a.fileno())
+        pump.close()
+        a.close()
+        b.close()
 
 
 def test_limits_are_shared_across_fork() -> None:
