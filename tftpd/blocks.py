@@ -173,7 +173,7 @@ class BlockSource:
         "_handle", "_blksize", "_seg", "_chunk", "_per_chunk", "_limiter", "_netascii",
         "_carry", "_cur", "_first", "_count", "_end", "_view", "_old", "_spare", "_next_seq",
         "_raw_off", "_eof", "_keep_seq", "_spawn", "_scope", "_pending", "_next",
-        "_next_error", "_closed", "on_ready", "acked",
+        "_next_error", "_closed", "on_ready", "acked", "post",
     )
 
     def __init__(
@@ -217,6 +217,9 @@ class BlockSource:
         self._closed = False
         #: Called (on the event loop) when a read-ahead finishes: the pump's wake-up.
         self.on_ready: Callable[[], None] | None = None
+        #: How a finished read-ahead reaches the event loop (set by the pump: its own
+        #: wake-up); None: trio's ``run_sync_soon``.
+        self.post: offload.Post | None = None
         #: The highest block acknowledged, asked when a chunk becomes current (instead of a
         #: :meth:`release_before` call per packet).
         self.acked: Callable[[], int] | None = None
@@ -400,7 +403,8 @@ class BlockSource:
         read = functools.partial(self._read_chunk, frames, self._next_seq, self._raw_off)
         # The common case, a free read thread: no task, no cancel scope, the result handed
         # back by a call on the loop.  When all are busy, a task waits for one.
-        if offload.start(read, self._limiter, functools.partial(self._read_done, done)):
+        if offload.start(read, self._limiter, functools.partial(self._read_done, done),
+                         self.post):
             return
         self._scope = trio.CancelScope()
         self._spawn(self._read_ahead, read, done, self._scope)

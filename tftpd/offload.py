@@ -51,11 +51,16 @@ async def borrow(limiter: trio.CapacityLimiter) -> Borrower:
     return borrower
 
 
+#: Hands a call to the event loop's thread from a worker thread; False if it cannot (closed).
+Post = Callable[[Callable[[], None]], bool]
+
+
 def _in_thread(fn: Callable[[], T], limiter: trio.CapacityLimiter, borrower: Borrower,
-               back: Callable[[outcome.Outcome[T]], None]) -> None:
+               back: Callable[[outcome.Outcome[T]], None], post: Post | None = None) -> None:
     """Run ``fn()`` in a worker thread on ``borrower``'s token (already taken); ``back`` gets
     the outcome on the event loop once the token is given back.  The one home of the hop
-    both calls below make."""
+    both calls below make.  ``post``: how the result reaches the loop, when not through
+    trio's ``run_sync_soon`` (the transfer pump's, see :func:`start`)."""
     token = trio.lowlevel.current_trio_token()
 
     def on_loop(result: outcome.Outcome[T]) -> None:
@@ -63,6 +68,8 @@ def _in_thread(fn: Callable[[], T], limiter: trio.CapacityLimiter, borrower: Bor
         back(result)
 
     def deliver(result: outcome.Outcome[T]) -> None:  # in the worker thread
+        if post is not None and post(lambda: on_loop(result)):
+            return
         # A loop that is gone has nobody waiting for this result any more.
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(on_loop, result)
@@ -95,16 +102,20 @@ async def run_sync(fn: Callable[[], T], limiter: trio.CapacityLimiter) -> T:
 
 
 def start(fn: Callable[[], T], limiter: trio.CapacityLimiter,
-          on_done: Callable[[outcome.Outcome[T]], None]) -> bool:
+          on_done: Callable[[outcome.Outcome[T]], None], post: Post | None = None) -> bool:
     """Start ``fn()`` in a worker thread under ``limiter`` if a token is free; ``on_done``
     gets its outcome on the event loop, after the token is given back.  Returns False (and
     starts nothing) when every token is taken: the caller then waits for one with
     :func:`run_sync`.  The caller drops a result it no longer wants in ``on_done``.
+
+    ``post`` (the transfer pump's :meth:`tftpd.pump.Pump.post`) brings the result back
+    through the pump's own wake-up instead of trio's: the pump may be waiting in ``epoll``
+    itself, where a call queued with trio would wait until its next checkpoint.
     """
     borrower = Borrower()
     try:
         limiter.acquire_on_behalf_of_nowait(borrower)
     except trio.WouldBlock:
         return False
-    _in_thread(fn, limiter, borrower, on_done)
+    _in_thread(fn, limiter, borrower, on_done, post)
     return True

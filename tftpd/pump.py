@@ -22,6 +22,7 @@ datagram for the rest of its transfer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -32,6 +33,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 
@@ -187,6 +189,10 @@ class Pump:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_sent = False
         self._ep.register(self._wake_fd, _EPOLLIN)
+        #: Calls handed over by worker threads (:meth:`post`), run from the pump's pass.
+        self._posted: collections.deque[Callable[[], None]] = collections.deque()
+        self._post_lock = threading.Lock()
+        self._closed = False
         self._recv_buf = bytearray(_RECV_SIZE)
         #: :meth:`_wait_direct`'s chances to pass up, and how many the next miss adds.
         self._direct_skip = 0
@@ -203,9 +209,35 @@ class Pump:
         self.gso_sends = 0
 
     def close(self) -> None:
+        with self._post_lock:  # no thread writes to the eventfd once it is closed
+            self._closed = True
+        self._run_posted()  # their limiter tokens go back
         self._watched.clear()
         self._ep.close()
         os.close(self._wake_fd)
+
+    def post(self, call: Callable[[], None]) -> bool:
+        """Run ``call()`` from the pump's next pass (thread-safe: for worker threads).
+        Returns False, and does nothing, once the pump is closed.
+
+        Why not trio's ``run_sync_soon``: a call queued there runs at trio's next turn, and
+        the pump may be waiting in ``epoll`` itself (:meth:`_wait_direct`) with a transfer
+        that needs exactly this read; the pump's eventfd ends that wait at once."""
+        with self._post_lock:
+            if self._closed:
+                return False
+            self._posted.append(call)
+            os.eventfd_write(self._wake_fd, 1)
+        return True
+
+    def _run_posted(self) -> None:
+        posted = self._posted
+        while posted:
+            call = posted.popleft()
+            try:
+                call()
+            except Exception:  # a bug in one must not end the pump
+                log.exception("pump: a posted call failed")
 
     # -- other sockets ---------------------------------------------------------------------------
 
@@ -256,6 +288,7 @@ class Pump:
         t.on_end = on_end
         source.acked = lambda: sender.base - 1  # what read-ahead may drop from its buffer
         source.on_ready = lambda: self._make_runnable(t)
+        source.post = self.post
         self._by_fd[t.fd] = t
         try:
             self._ep.register(t.fd, _EPOLLIN)
@@ -476,10 +509,12 @@ class Pump:
         return worked
 
     def _drain_wake(self) -> None:
-        """Reset the wake-up eventfd (its work, ``_runnable``, is taken at every pass)."""
+        """Reset the wake-up eventfd and run the calls worker threads posted (their work,
+        ``_runnable``, is taken at the next pass)."""
         self._wake_sent = False
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake_fd)
+        self._run_posted()
 
     def _spin_pays(self) -> bool:
         """Busy-poll only while at most ``spin_max_sessions`` transfers run and each one's

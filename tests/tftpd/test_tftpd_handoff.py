@@ -82,10 +82,11 @@ def test_a_full_or_closed_inbox_refuses_at_once() -> None:
         sent += 1
         assert sent < 1000, "a send to a full inbox must fail, not block"
     assert sent > 0
-    b.inbox.close()
-    c = _handoffs(2)[0]
-    c._out[1].close()
-    assert not c.pass_request(1, 0, ("127.0.0.10", 1), None, b"x")
+    b.inbox.close()  # worker 1 is gone: nobody reads its inbox any more
+    assert not a.pass_request(1, 0, ("127.0.0.10", 1), None, b"x")
+    c, d = _handoffs(2)
+    d.inbox.close()
+    assert not c.pass_request(1, 0, ("127.0.0.10", 1), None, b"x")  # an empty one, too
 
 
 @asynccontextmanager
