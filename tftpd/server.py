@@ -732,7 +732,8 @@ class TftpServer:
         del self._active[key]
         self.limits.release(key[0], self._worker)
         origin = self._origin.pop(key, None)
-        if origin is not None and self._handoff is not None:
+        if origin is not None and self._handoff is not None and not self.limits.stopping:
+            # (When stopping, the origin takes no requests and may be gone already.)
             self._handoff.ended(origin, *key)
         self.stats.active -= 1
         if not self.stats.active:

@@ -8,6 +8,7 @@ import heapq
 import os
 import select
 import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -186,6 +187,40 @@ def test_waiting_in_epoll_backs_off_where_it_does_not_pay() -> None:
         pump.close()
         a.close()
         b.close()
+
+
+def test_a_call_posted_by_a_thread_ends_a_wait_in_epoll_and_runs_from_the_pass() -> None:
+    """A read-ahead's result comes back through the pump's eventfd (``Pump.post``): a pump
+    waiting in epoll itself wakes for it at once instead of after the wait's millisecond,
+    and once the pump is closed a thread is told to use trio's queue instead."""
+    pump = pump_mod.Pump()
+    ran: list[str] = []
+    try:
+        pump._by_fd[-1] = None  # type: ignore[assignment]  # stands for a running transfer
+        far = time.perf_counter() + 60
+
+        def worker() -> None:
+            time.sleep(0.05)
+            assert pump.post(lambda: ran.append("read done"))
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        t0 = time.perf_counter()
+        events = None
+        while not events and time.perf_counter() - t0 < 2:  # (misses pass up chances)
+            events = pump._wait_direct(far)
+        thread.join()
+        assert events == [(pump._wake_fd, select.EPOLLIN)]
+        assert time.perf_counter() - t0 < 1.0
+        assert ran == []  # not from the thread: from the pass
+        assert pump._pass(time.perf_counter(), events)
+        assert ran == ["read done"]
+        assert pump.post(lambda: ran.append("pending at close"))
+    finally:
+        pump.close()
+    assert ran == ["read done", "pending at close"]  # close runs what is left
+    assert not pump.post(lambda: ran.append("too late"))
+    assert ran == ["read done", "pending at close"]
 
 
 def test_limits_are_shared_across_fork() -> None:
