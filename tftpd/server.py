@@ -688,7 +688,7 @@ class TftpServer:
             self.limits.release(client, self._handoff.worker)
             log.debug("passed request not started client=%s port=%d from worker=%d: %s",
                       client, port, request.origin + 1, problem)
-            if key not in self._active:
+            if key not in self._active and not self.limits.stopping:
                 self._handoff.ended(request.origin, client, port)
             return
         sock, bound_host = self._listening[request.listener]
