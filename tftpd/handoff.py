@@ -17,8 +17,11 @@ from the worker's transfer pump; every worker keeps the other ends to send on.  
   order), the client's address, the address the request was sent to (IP_PKTINFO) and the
   datagram itself.  The receiver starts the session as if the request had reached its own
   socket; the admission is already counted for it.
-* a session's end, sent back to the worker that passed the request: until then that worker
-  treats a retransmission of the request as a duplicate (the kernel keeps sending it there).
+* a session's end, sent back to the worker that passed the request.  Until then that worker
+  passes every request from the same client port to the same worker, unadmitted: the kernel
+  keeps sending them to the first, and only the worker running the transfer knows whether
+  one is its retransmission (dropped) or a new request after its end (served).  So a lost
+  word of the end costs a hop, never a refused client.
 
 Sends never block: a full or closed inbox means the request is served where it arrived.
 """
@@ -43,13 +46,16 @@ _ENDED = b"E"
 
 @dataclass(frozen=True)
 class PassedRequest:
-    """A request another worker admitted and passed here."""
+    """A request another worker received and passed here."""
 
     origin: int  # the worker that received it (and is told when its session ends)
     listener: int  # index of the listen socket it arrived on
     addr: tuple  # the client's address, as recvmsg gave it
     dest: tuple[str, int] | None  # (local address, interface index) it was sent to
     data: bytes  # the request datagram
+    #: The origin admitted it for this worker (counted in the limits).  False: it came from
+    #: a client port whose transfer runs here, and this worker decides what it is.
+    admitted: bool = True
 
 
 class Handoff:
@@ -94,25 +100,32 @@ class Handoff:
         for sock in self._out:
             sock.close()
 
-    def _send(self, worker: int, message: bytes) -> bool:
+    def _send(self, worker: int, message: bytes) -> str | None:
+        """None when sent; else ``"full"`` (try again later) or ``"gone"`` (nobody reads
+        that inbox any more: the worker ended)."""
         try:
             self._out[worker].send(message)
-        except OSError as exc:  # full (EAGAIN), or nobody reads it any more
+        except BlockingIOError:
+            log.debug("cannot pass to worker=%d: its inbox is full", worker + 1)
+            return "full"
+        except OSError as exc:
             log.debug("cannot pass to worker=%d error=%s", worker + 1, exc)
-            return False
-        return True
+            return "gone"
+        return None
 
     def pass_request(self, worker: int, listener: int, addr: tuple,
-                     dest: tuple[str, int] | None, data: bytes) -> bool:
-        """Send a request to ``worker``; False if it cannot take it (serve it here then)."""
-        head = json.dumps([self.worker, listener, list(addr), dest]).encode()
+                     dest: tuple[str, int] | None, data: bytes, *,
+                     admitted: bool = True) -> str | None:
+        """Send a request to ``worker``: None when sent, else why not (``"full"``,
+        ``"gone"``; serve it here then, or drop a retransmission)."""
+        head = json.dumps([self.worker, listener, list(addr), dest, admitted]).encode()
         return self._send(worker, _REQUEST + head + b"\0" + data)
 
     def ended(self, origin: int, client: str, port: int) -> None:
         """Tell ``origin`` that the session of the request it passed here is over."""
-        if not self._send(origin, _ENDED + json.dumps([client, port]).encode()):
-            # The origin then keeps treating the client's port as busy until its entry
-            # expires: a retransmitted RRQ from that port is ignored, nothing worse.
+        if self._send(origin, _ENDED + json.dumps([client, port]).encode()) is not None:
+            # The origin then keeps passing that client port's requests here until its
+            # entry expires (a hop more for each, nothing worse).
             log.warning("cannot tell worker %d that a passed transfer ended client=%s "
                         "port=%d", origin + 1, client, port)
 
@@ -133,10 +146,10 @@ class Handoff:
                     kind, rest = message[:1], message[1:]
                     if kind == _REQUEST:
                         head, _, data = rest.partition(b"\0")
-                        origin, listener, addr, dest = json.loads(head)
+                        origin, listener, addr, dest, admitted = json.loads(head)
                         request = PassedRequest(int(origin), int(listener), tuple(addr),
                                                 tuple(dest) if dest is not None else None,
-                                                data)
+                                                data, bool(admitted))
                     elif kind == _ENDED:
                         client, port = json.loads(rest)
                     else:

@@ -278,10 +278,11 @@ class TftpServer:
         self.opener: OpenerPool | None = None
         #: With several workers: the inboxes requests are passed through (tftpd/handoff.py).
         self._handoff: Handoff | None = None
-        #: Requests passed to another worker, until it says their session ended (or, should
-        #: that word be lost, until the longest transfer could have ended): a retransmitted
-        #: RRQ still reaches this worker and must not start a second transfer.
-        self._elsewhere: dict[tuple[str, int], float] = {}
+        #: Requests passed to another worker -> (that worker, until when): until it says their
+        #: session ended (or the longest transfer could have), every request from that client
+        #: port goes to that worker, which knows whether it is a retransmission of its
+        #: transfer (the kernel keeps sending them here).
+        self._elsewhere: dict[tuple[str, int], tuple[int, float]] = {}
         #: Sessions running here for a request another worker passed: key -> that worker.
         self._origin: dict[tuple[str, int], int] = {}
         #: Listen sockets (and their bound hosts) by index, for requests passed here.
@@ -595,7 +596,9 @@ class TftpServer:
             return
         self.stats.requests += 1
         key = (client, port)
-        if key in self._active or (key in self._elsewhere and self._passed_running(key)):
+        if key in self._elsewhere and self._pass_again(key, listener, addr, dest, data):
+            return
+        if key in self._active:
             self.stats.duplicate_requests += 1
             log.debug("retransmitted request ignored client=%s port=%d file=%s", client, port,
                       _loggable(packet.filename))
@@ -609,32 +612,35 @@ class TftpServer:
         else:
             refused, chosen = self.limits.admit_balanced(client, handoff.worker,
                                                          handoff.workers)
-        if refused == BUSY:
-            self.stats.busy_rejections += 1
-            log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
-                        _loggable(packet.filename), cfg.max_sessions)
-            self._reply_error(sock, addr, ERR_NOT_DEFINED,
-                              f"server busy: {cfg.max_sessions} transfers running, retry later",
-                              bucket, dest)
-            return
-        if refused == PER_IP:
-            self.stats.busy_rejections += 1
-            log.warning("busy: per-client limit reached client=%s file=%s limit=%d", client,
-                        _loggable(packet.filename), cfg.max_sessions_per_ip)
-            self._reply_error(
-                sock, addr, ERR_NOT_DEFINED,
-                f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, retry later",
-                bucket, dest)
+        if refused is not None:
+            self._refuse(sock, addr, client, packet, refused, bucket, dest)
             return
         if handoff is not None and chosen != handoff.worker:
-            if handoff.pass_request(chosen, listener, addr, dest, data):
+            if handoff.pass_request(chosen, listener, addr, dest, data) is None:
                 self.stats.handed_off += 1
                 if len(self._elsewhere) >= 4 * cfg.max_sessions:
                     self._forget_expired()
-                self._elsewhere[key] = trio.current_time() + self._passed_lifetime()
+                self._elsewhere[key] = (chosen, trio.current_time() + self._passed_lifetime())
                 return
             self.limits.moved(chosen, handoff.worker)  # served here after all
         self._start_session(sock, packet, addr, dest, bound_host, ctx, bucket)
+
+    def _refuse(self, sock: socket.socket, addr: tuple, client: str, packet: packets.Request,
+                refused: str, bucket: _TokenBucket, dest: tuple[str, int] | None) -> None:
+        """Answer a request the limits refused (``refused``: BUSY or PER_IP)."""
+        cfg = self.config
+        self.stats.busy_rejections += 1
+        if refused == BUSY:
+            log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
+                        _loggable(packet.filename), cfg.max_sessions)
+            message = f"server busy: {cfg.max_sessions} transfers running, retry later"
+        else:
+            assert refused == PER_IP, refused
+            log.warning("busy: per-client limit reached client=%s file=%s limit=%d", client,
+                        _loggable(packet.filename), cfg.max_sessions_per_ip)
+            message = (f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, "
+                       "retry later")
+        self._reply_error(sock, addr, ERR_NOT_DEFINED, message, bucket, dest)
 
     def _passed_lifetime(self) -> float:
         """Longest a passed request's session can run: its entry in ``_elsewhere`` is dropped
@@ -643,10 +649,22 @@ class TftpServer:
         return (policy.max_transfer_seconds + self._grace
                 + policy.retransmit_timeout * (policy.retries + 1))
 
-    def _passed_running(self, key: tuple[str, int]) -> bool:
-        """Whether the session of a request passed to another worker may still run."""
-        if self._elsewhere[key] > trio.current_time():
-            return True
+    def _pass_again(self, key: tuple[str, int], listener: int, addr: tuple,
+                    dest: tuple[str, int] | None, data: bytes) -> bool:
+        """A request from a client port whose transfer was passed to another worker: pass
+        it there too, unadmitted, and that worker tells a retransmission from a new request.
+        False when it is this worker's to handle: the entry expired, or that worker is
+        gone."""
+        assert self._handoff is not None
+        worker, until = self._elsewhere[key]
+        if until > trio.current_time():
+            why = self._handoff.pass_request(worker, listener, addr, dest, data,
+                                             admitted=False)
+            if why is None:
+                return True
+            if why == "full":  # most likely a retransmission: the client will send it again
+                self.stats.duplicate_requests += 1
+                return True
         del self._elsewhere[key]
         return False
 
@@ -654,7 +672,7 @@ class TftpServer:
         """Drop the entries of passed requests whose end was never reported (a lost message,
         a worker that died): they would only grow."""
         now = trio.current_time()
-        for key in [k for k, until in self._elsewhere.items() if until <= now]:
+        for key in [k for k, (_, until) in self._elsewhere.items() if until <= now]:
             del self._elsewhere[key]
 
     def _on_passed_ended(self, client: str, port: int) -> None:
@@ -663,11 +681,16 @@ class TftpServer:
 
     def _on_passed(self, ctx: SessionContext, bucket: _TokenBucket,
                    request: PassedRequest) -> None:
-        """A request another worker admitted and passed here: start its session as if it had
-        arrived on our own listen socket (the admission is already counted for us)."""
+        """A request another worker passed here: start its session as if it had arrived on
+        our own listen socket.  An admitted one is already counted for us; an unadmitted
+        one (from the port of a transfer passed here before) is a retransmission if that
+        transfer still runs, else a new request that goes through admission here."""
         assert self._handoff is not None
         client, port = normalise_ip(request.addr[0]), request.addr[1]
         key = (client, port)
+        if not request.admitted:
+            self._on_passed_again(ctx, bucket, request, client, port)
+            return
         problem = None
         if not 0 <= request.listener < len(self._listening):
             problem = f"listen socket {request.listener} unknown"
@@ -692,6 +715,30 @@ class TftpServer:
                 self._handoff.ended(request.origin, client, port)
             return
         sock, bound_host = self._listening[request.listener]
+        self._start_session(sock, packet, request.addr, request.dest, bound_host, ctx, bucket,
+                            origin=request.origin)
+
+    def _on_passed_again(self, ctx: SessionContext, bucket: _TokenBucket,
+                         request: PassedRequest, client: str, port: int) -> None:
+        """An unadmitted request passed here (see :meth:`_on_passed`)."""
+        assert self._handoff is not None
+        if (client, port) in self._active:
+            self.stats.duplicate_requests += 1
+            return
+        if not 0 <= request.listener < len(self._listening) or self._stopping \
+                or self.limits.stopping:
+            return
+        try:
+            packet = packets.parse(request.data)
+        except MalformedPacket:
+            return  # it was a request where it arrived: not ours to judge again
+        if not isinstance(packet, packets.Request):
+            return
+        sock, bound_host = self._listening[request.listener]
+        refused = self.limits.admit(client, self._handoff.worker)
+        if refused is not None:
+            self._refuse(sock, request.addr, client, packet, refused, bucket, request.dest)
+            return
         self._start_session(sock, packet, request.addr, request.dest, bound_host, ctx, bucket,
                             origin=request.origin)
 

@@ -63,13 +63,15 @@ def _handoffs(count: int) -> list[Handoff]:
 def test_messages_arrive_whole_and_garbage_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     a, b = _handoffs(2)
     data = packets.encode_request(packets.OP_RRQ, "pxelinux.0", "octet", {"tsize": "0"})
-    assert a.pass_request(1, 0, ("127.0.0.10", 4321), ("127.0.0.1", 1), data)
+    assert a.pass_request(1, 0, ("127.0.0.10", 4321), ("127.0.0.1", 1), data) is None
+    assert a.pass_request(1, 0, ("127.0.0.10", 4321), None, data, admitted=False) is None
     a._out[1].send(b"R{not json")
     b.ended(0, "127.0.0.10", 4321)
     got: list[object] = []
     b.reader(got.append, lambda c, p: got.append(("ended?", c, p)))()
     a.reader(lambda r: got.append(r), lambda c, p: got.append(("ended", c, p)))()
     assert got == [PassedRequest(0, 0, ("127.0.0.10", 4321), ("127.0.0.1", 1), data),
+                   PassedRequest(0, 0, ("127.0.0.10", 4321), None, data, admitted=False),
                    ("ended", "127.0.0.10", 4321)]
     assert any("undecodable message" in r.getMessage() for r in caplog.records)
 
@@ -78,15 +80,16 @@ def test_a_full_or_closed_inbox_refuses_at_once() -> None:
     a, b = _handoffs(2)
     big = b"x" * 60000
     sent = 0
-    while a.pass_request(1, 0, ("127.0.0.10", 1), None, big):
+    while a.pass_request(1, 0, ("127.0.0.10", 1), None, big) is None:
         sent += 1
         assert sent < 1000, "a send to a full inbox must fail, not block"
     assert sent > 0
+    assert a.pass_request(1, 0, ("127.0.0.10", 1), None, big) == "full"
     b.inbox.close()  # worker 1 is gone: nobody reads its inbox any more
-    assert not a.pass_request(1, 0, ("127.0.0.10", 1), None, b"x")
+    assert a.pass_request(1, 0, ("127.0.0.10", 1), None, b"x") == "gone"
     c, d = _handoffs(2)
     d.inbox.close()
-    assert not c.pass_request(1, 0, ("127.0.0.10", 1), None, b"x")  # an empty one, too
+    assert c.pass_request(1, 0, ("127.0.0.10", 1), None, b"x") == "gone"  # an empty one, too
 
 
 @asynccontextmanager
@@ -160,7 +163,8 @@ async def test_a_retransmitted_request_of_a_passed_transfer_is_a_duplicate(
             assert await c.quiet(0.3) == []  # one transfer, not three
             c.send_peer(packets.encode_error(0, "enough"))
             await wait_idle(second)
-            assert first.stats.duplicate_requests == 2
+            # Passed on too: the worker running the transfer knows they are its own.
+            assert second.stats.duplicate_requests == 2
             assert second.stats.aborted_by_client == 1
             await wait_forgotten(first)
             # Over: the same client port may ask again, and gets a new transfer.
@@ -195,14 +199,60 @@ async def test_a_passed_request_the_worker_cannot_start_is_released(
         if why == "stopping":
             second._stopping = True
         assert limits.admit("127.0.0.10", 1) is None  # what worker 0 counted before passing
-        first._elsewhere[("127.0.0.10", 4000)] = trio.current_time() + 60
+        first._elsewhere[("127.0.0.10", 4000)] = (1, trio.current_time() + 60)
         data = packets.encode_request(packets.OP_RRQ, "whoami", "octet", {})
         assert first._handoff is not None
         assert first._handoff.pass_request(1, 0 if why == "stopping" else 7,
-                                           ("127.0.0.10", 4000), None, data)
+                                           ("127.0.0.10", 4000), None, data) is None
         await wait_forgotten(first)
         assert [limits.load(1), limits.active] == [0, 0]
         assert second.stats.active == 0
         expected = "stopping" if why == "stopping" else "listen socket 7 unknown"
         assert any("passed request not started" in r.getMessage()
                    and expected in r.getMessage() for r in caplog.records)
+
+
+async def test_a_lost_word_of_the_end_costs_a_hop_not_the_client(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 1 cannot tell worker 0 that the passed transfer ended (its inbox full, say):
+    the same client port asking again still gets a transfer -- worker 0 passes the request
+    to worker 1, which knows it is new -- and a retransmission of that one is still one."""
+    slow = replace(FAST, retransmit_timeout=5.0)
+    async with two_workers(tree, policy=slow) as (first, second, addr, limits):
+        assert limits.admit("198.51.100.1", 0) is None
+        assert second._handoff is not None
+        monkeypatch.setattr(second._handoff, "ended", lambda *_: None)
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("secret-a", blksize=1024)
+            await c.expect(packets.OptionAck)
+            c.send_peer(packets.encode_error(0, "enough"))
+            await wait_idle(second)
+            assert list(first._elsewhere) == [(CLIENT_A, c.sock.getsockname()[1])]
+            c.peer = None
+            for _ in range(2):  # a new request from the same port, and its retransmission
+                c.rrq("secret-a", blksize=1024)
+            await c.expect(packets.OptionAck)
+            assert await c.quiet(0.3) == []
+            c.send_peer(packets.encode_error(0, "enough"))
+        await wait_idle(first, second)
+        assert (first.stats.handed_off, first.stats.completed) == (1, 0)
+        assert second.stats.aborted_by_client == 2
+        assert second.stats.duplicate_requests == 1
+        assert [limits.load(0), limits.load(1), limits.active] == [1, 0, 1]
+
+
+async def test_a_port_passed_to_a_worker_that_died_is_served_here(tree: Path) -> None:
+    async with two_workers(tree) as (first, second, addr, limits):
+        assert first._handoff is not None
+        with RawClient(addr, CLIENT_A) as c:
+            key = (CLIENT_A, c.sock.getsockname()[1])
+            first._elsewhere[key] = (1, trio.current_time() + 60)
+            first._handoff._out[1].close()  # worker 1 is gone
+            c.rrq("whoami")
+            data = await c.expect(packets.Data)
+            assert isinstance(data, packets.Data)
+            assert data.payload == (CLIENT_A + "\n").encode()
+            c.ack(1)
+        await wait_idle(first, second)
+        assert first.stats.completed == 1 and key not in first._elsewhere
+
