@@ -363,8 +363,8 @@ class Pump:
 
         While there is work the pump keeps polling its epoll object without a trio round
         trip, yielding to trio at least every ``_YIELD_EVERY`` seconds (new requests, reads
-        finishing).  When a pass finds nothing while transfers run, it waits in the kernel
-        (:meth:`_wait_direct`) for the rest of that time; only when that wait, too, finds
+        finishing).  When a pass finds nothing while transfers run, it first waits in the
+        kernel for up to a millisecond (:meth:`_wait_direct`); only when that wait, too, finds
         nothing does it sleep in trio until a socket is readable, the next retransmission is
         due or a read-ahead completes.
         """
@@ -428,12 +428,12 @@ class Pump:
         worker is still busy with its last DATA, and its next ACK comes within microseconds
         -- and a sleep in trio then cost a scheduler round trip (trio's own epoll, the task
         switch, the cancel scope) per batch of ACKs; waiting here costs one ``epoll_wait``.
-        Trio's other work (a read-ahead finishing, a signal) waits no longer than
-        ``_DIRECT_WAIT``.  A wait that finds nothing (an idle client, a slow network, or a
-        client that needs this very thread to run: one in the same process) makes the pump
-        pass up its next chances to wait here, twice as many after each such miss in a row,
-        up to ``_DIRECT_BACKOFF_MAX``: where waiting here does not pay, it costs one
-        ``_DIRECT_WAIT`` in that many sleeps.
+        A read-ahead finishing ends the wait (:meth:`post`); trio's other work (a signal, a
+        session's task) waits no longer than ``_DIRECT_WAIT``.  A wait that finds nothing
+        (an idle client, a slow network, or a client that needs this very thread to run: one
+        in the same process) makes the pump pass up its next chances to wait here, twice as
+        many after each such miss in a row, up to ``_DIRECT_BACKOFF_MAX``: where waiting here
+        does not pay, it costs one ``_DIRECT_WAIT`` in that many sleeps.
         """
         if not self._by_fd:
             return None
