@@ -688,59 +688,46 @@ class TftpServer:
         assert self._handoff is not None
         client, port = normalise_ip(request.addr[0]), request.addr[1]
         key = (client, port)
-        if not request.admitted:
-            self._on_passed_again(ctx, bucket, request, client, port)
+        if key in self._active:
+            if request.admitted:  # (its origin passes such ports unadmitted: not expected)
+                self.limits.release(client, self._handoff.worker)
+                log.debug("passed request not started client=%s port=%d from worker=%d: a "
+                          "transfer for this client port is already running here", client,
+                          port, request.origin + 1)
+            else:  # a retransmission of the transfer running here
+                self.stats.duplicate_requests += 1
             return
-        problem = None
-        if not 0 <= request.listener < len(self._listening):
-            problem = f"listen socket {request.listener} unknown"
-        elif self._stopping or self.limits.stopping:
-            problem = "stopping"
-        elif key in self._active:
-            problem = "a transfer for this client port is already running here"
-        packet = None
-        if problem is None:
-            try:
-                packet = packets.parse(request.data)
-            except MalformedPacket as exc:
-                problem = f"malformed: {exc}"
-            else:
-                if not isinstance(packet, packets.Request):
-                    problem = "not a request"
-        if problem is not None or packet is None:
-            self.limits.release(client, self._handoff.worker)
+        packet, problem = self._passed_packet(request)
+        if packet is None:
             log.debug("passed request not started client=%s port=%d from worker=%d: %s",
                       client, port, request.origin + 1, problem)
-            if key not in self._active and not self.limits.stopping:
-                self._handoff.ended(request.origin, client, port)
+            if request.admitted:
+                self.limits.release(client, self._handoff.worker)
+                if not self.limits.stopping:
+                    self._handoff.ended(request.origin, client, port)
             return
         sock, bound_host = self._listening[request.listener]
+        if not request.admitted:
+            refused = self.limits.admit(client, self._handoff.worker)
+            if refused is not None:
+                self._refuse(sock, request.addr, client, packet, refused, bucket, request.dest)
+                return
         self._start_session(sock, packet, request.addr, request.dest, bound_host, ctx, bucket,
                             origin=request.origin)
 
-    def _on_passed_again(self, ctx: SessionContext, bucket: _TokenBucket,
-                         request: PassedRequest, client: str, port: int) -> None:
-        """An unadmitted request passed here (see :meth:`_on_passed`)."""
-        assert self._handoff is not None
-        if (client, port) in self._active:
-            self.stats.duplicate_requests += 1
-            return
-        if not 0 <= request.listener < len(self._listening) or self._stopping \
-                or self.limits.stopping:
-            return
+    def _passed_packet(self, request: PassedRequest) -> tuple[packets.Request | None, str]:
+        """The request a passed message carries, or None and why it cannot start here."""
+        if not 0 <= request.listener < len(self._listening):
+            return None, f"listen socket {request.listener} unknown"
+        if self._stopping or self.limits.stopping:
+            return None, "stopping"
         try:
             packet = packets.parse(request.data)
-        except MalformedPacket:
-            return  # it was a request where it arrived: not ours to judge again
+        except MalformedPacket as exc:
+            return None, f"malformed: {exc}"
         if not isinstance(packet, packets.Request):
-            return
-        sock, bound_host = self._listening[request.listener]
-        refused = self.limits.admit(client, self._handoff.worker)
-        if refused is not None:
-            self._refuse(sock, request.addr, client, packet, refused, bucket, request.dest)
-            return
-        self._start_session(sock, packet, request.addr, request.dest, bound_host, ctx, bucket,
-                            origin=request.origin)
+            return None, "not a request"
+        return packet, ""
 
     def _start_session(self, sock: socket.socket, packet: packets.Request, addr: tuple,
                        dest: tuple[str, int] | None, bound_host: str, ctx: SessionContext,
