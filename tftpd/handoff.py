@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,54 @@ _MESSAGES_PER_PASS = 32
 _MAX_MESSAGE = 66000
 _REQUEST = b"R"
 _ENDED = b"E"
+
+
+class PassedPorts:
+    """The client ports whose request this worker passed to another worker, and to which.
+
+    Until that worker reports the session's end (:meth:`forget`), or the longest transfer
+    could have ended (``until``, given with :meth:`add`), every request from such a port is
+    passed to the same worker (see the module docstring).  An entry whose end was never
+    reported (a lost message, a worker that died) expires; entries are bounded: when
+    ``bound`` is reached the expired ones are dropped.  Pure bookkeeping: the caller gives
+    the time (trio's clock in the server).
+    """
+
+    def __init__(self, bound: int) -> None:
+        self._bound = bound
+        self._ports: dict[tuple[str, int], tuple[int, float]] = {}
+
+    def __contains__(self, key: object) -> bool:  # the listener's check per request
+        return key in self._ports
+
+    def __len__(self) -> int:
+        return len(self._ports)
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return iter(self._ports)
+
+    def add(self, key: tuple[str, int], worker: int, until: float, now: float) -> None:
+        """The request from client port ``key`` went to ``worker``, whose transfer can run
+        until ``until`` at the longest."""
+        if len(self._ports) >= self._bound:
+            for old in [k for k, (_, end) in self._ports.items() if end <= now]:
+                del self._ports[old]
+        self._ports[key] = (worker, until)
+
+    def worker_for(self, key: tuple[str, int], now: float) -> int | None:
+        """The worker requests from ``key`` go to, or None: not passed, or the entry has
+        expired (and is dropped)."""
+        entry = self._ports.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self._ports[key]
+            return None
+        return entry[0]
+
+    def forget(self, key: tuple[str, int]) -> None:
+        """Its session ended (the worker said so), or that worker cannot take requests."""
+        self._ports.pop(key, None)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import trio
 from vfsroot.defaults import DEFAULT_MOUNT
 
 from . import packets
-from .handoff import Handoff, PassedRequest
+from .handoff import Handoff, PassedPorts, PassedRequest
 from .limits import BUSY, PER_IP, SessionLimits
 from .opener import OpenerPool
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
@@ -278,11 +278,11 @@ class TftpServer:
         self.opener: OpenerPool | None = None
         #: With several workers: the inboxes requests are passed through (tftpd/handoff.py).
         self._handoff: Handoff | None = None
-        #: Requests passed to another worker -> (that worker, until when): until it says their
-        #: session ended (or the longest transfer could have), every request from that client
-        #: port goes to that worker, which knows whether it is a retransmission of its
-        #: transfer (the kernel keeps sending them here).
-        self._elsewhere: dict[tuple[str, int], tuple[int, float]] = {}
+        #: Client ports whose request went to another worker: until it says their session
+        #: ended (or the longest transfer could have), every request from such a port goes
+        #: to that worker, which knows whether it is a retransmission of its transfer (the
+        #: kernel keeps sending them here).
+        self._passed = PassedPorts(bound=4 * config.max_sessions)
         #: Sessions running here for a request another worker passed: key -> that worker.
         self._origin: dict[tuple[str, int], int] = {}
         #: Listen sockets (and their bound hosts) by index, for requests passed here.
@@ -596,7 +596,7 @@ class TftpServer:
             return
         self.stats.requests += 1
         key = (client, port)
-        if key in self._elsewhere and self._pass_again(key, listener, addr, dest, data):
+        if key in self._passed and self._pass_again(key, listener, addr, dest, data):
             return
         if key in self._active:
             self.stats.duplicate_requests += 1
@@ -605,7 +605,6 @@ class TftpServer:
             return
         if self._stopping or self.limits.stopping:
             return
-        cfg = self.config
         handoff = self._handoff
         if handoff is None:
             refused, chosen = self.limits.admit(client), 0
@@ -618,9 +617,8 @@ class TftpServer:
         if handoff is not None and chosen != handoff.worker:
             if handoff.pass_request(chosen, listener, addr, dest, data) is None:
                 self.stats.handed_off += 1
-                if len(self._elsewhere) >= 4 * cfg.max_sessions:
-                    self._forget_expired()
-                self._elsewhere[key] = (chosen, trio.current_time() + self._passed_lifetime())
+                now = trio.current_time()
+                self._passed.add(key, chosen, now + self._passed_lifetime(), now)
                 return
             self.limits.moved(chosen, handoff.worker)  # served here after all
         self._start_session(sock, packet, addr, dest, bound_host, ctx, bucket)
@@ -643,7 +641,7 @@ class TftpServer:
         self._reply_error(sock, addr, ERR_NOT_DEFINED, message, bucket, dest)
 
     def _passed_lifetime(self) -> float:
-        """Longest a passed request's session can run: its entry in ``_elsewhere`` is dropped
+        """Longest a passed request's session can run: its entry in ``_passed`` is dropped
         after that even if the other worker's word of its end was lost."""
         policy = self.config.policy
         return (policy.max_transfer_seconds + self._grace
@@ -656,28 +654,21 @@ class TftpServer:
         False when it is this worker's to handle: the entry expired, or that worker is
         gone."""
         assert self._handoff is not None
-        worker, until = self._elsewhere[key]
-        if until > trio.current_time():
-            why = self._handoff.pass_request(worker, listener, addr, dest, data,
-                                             admitted=False)
-            if why is None:
-                return True
-            if why == "full":  # most likely a retransmission: the client will send it again
-                self.stats.duplicate_requests += 1
-                return True
-        del self._elsewhere[key]
+        worker = self._passed.worker_for(key, trio.current_time())
+        if worker is None:
+            return False
+        why = self._handoff.pass_request(worker, listener, addr, dest, data, admitted=False)
+        if why is None:
+            return True
+        if why == "full":  # most likely a retransmission: the client will send it again
+            self.stats.duplicate_requests += 1
+            return True
+        self._passed.forget(key)  # that worker is gone
         return False
-
-    def _forget_expired(self) -> None:
-        """Drop the entries of passed requests whose end was never reported (a lost message,
-        a worker that died): they would only grow."""
-        now = trio.current_time()
-        for key in [k for k, (_, until) in self._elsewhere.items() if until <= now]:
-            del self._elsewhere[key]
 
     def _on_passed_ended(self, client: str, port: int) -> None:
         """The worker this one passed a request to says its session is over."""
-        self._elsewhere.pop((client, port), None)
+        self._passed.forget((client, port))
 
     def _on_passed(self, ctx: SessionContext, bucket: _TokenBucket,
                    request: PassedRequest) -> None:

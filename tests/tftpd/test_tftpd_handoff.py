@@ -21,15 +21,70 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tftpd import packets
 from tftpd.client import fetch
-from tftpd.handoff import Handoff, PassedRequest
+from tftpd.handoff import Handoff, PassedPorts, PassedRequest
 from tftpd.limits import BUSY, SessionLimits
 from tftpd.server import TftpServer
 
 from .conftest import CLIENT_A, CLIENT_B
 from .helpers import FAST, RawClient, file_sha256, make_config
+
+
+def test_passed_ports_name_the_worker_until_the_end_or_expiry() -> None:
+    ports = PassedPorts(bound=8)
+    a, b = ("10.0.0.5", 4000), ("10.0.0.6", 4000)
+    ports.add(a, 1, until=10.0, now=0.0)
+    ports.add(b, 2, until=5.0, now=0.0)
+    assert a in ports and len(ports) == 2
+    assert ports.worker_for(a, now=4.0) == 1 and ports.worker_for(b, now=4.0) == 2
+    assert ports.worker_for(("10.0.0.5", 4001), now=4.0) is None  # another port: not passed
+    assert ports.worker_for(b, now=5.0) is None  # its transfer could not run longer
+    assert b not in ports  # and the expired entry is gone
+    ports.forget(a)  # the worker said the session ended
+    assert ports.worker_for(a, now=4.0) is None and len(ports) == 0
+    ports.forget(a)  # a second word of the same end is harmless
+
+
+def test_passed_ports_drop_expired_entries_when_full_and_keep_live_ones() -> None:
+    ports = PassedPorts(bound=4)
+    for i in range(4):  # ends never reported: two expire at 5, two run until 50
+        ports.add(("10.0.0.5", 4000 + i), 1, until=5.0 if i < 2 else 50.0, now=0.0)
+    ports.add(("10.0.0.9", 4000), 1, until=60.0, now=10.0)
+    assert sorted(p for _, p in ports) == [4000, 4002, 4003]
+    # Nothing expired: the bound is a trigger, never a reason to drop a live entry.
+    ports.add(("10.0.0.9", 4001), 1, until=60.0, now=10.0)
+    assert len(ports) == 4
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "forget", "ask"]), st.integers(0, 5),
+                          st.integers(0, 3), st.floats(0, 20)), max_size=60))
+def test_passed_ports_answer_like_a_plain_map_with_deadlines(ops) -> None:
+    """Against a model: an entry answers with its worker until its deadline, after a
+    forget never, and entries are dropped only once expired."""
+    ports = PassedPorts(bound=3)
+    model: dict[tuple[str, int], tuple[int, float]] = {}
+    now = 0.0
+    for op, port, worker, step in ops:
+        key = ("10.0.0.5", port)
+        if op == "add":
+            ports.add(key, worker, now + step, now)
+            model[key] = (worker, now + step)
+        elif op == "forget":
+            ports.forget(key)
+            model.pop(key, None)
+        else:
+            now += step / 4
+            want = model.get(key)
+            expected = want[0] if want is not None and want[1] > now else None
+            assert ports.worker_for(key, now) == expected
+            if expected is None:
+                model.pop(key, None)
+        assert set(ports) <= set(model)  # never an entry the model does not have
+        assert all(model[k][1] <= now for k in set(model) - set(ports))  # only expired drop
 
 
 def test_placement_picks_the_worker_with_the_fewest_transfers() -> None:
@@ -121,7 +176,7 @@ async def wait_idle(*servers: TftpServer) -> None:
 async def wait_forgotten(server: TftpServer) -> None:
     """Until ``server`` heard that every request it passed has ended (through its inbox)."""
     with trio.fail_after(2):
-        while server._elsewhere:
+        while server._passed:
             await trio.sleep(0.01)
 
 
@@ -199,7 +254,7 @@ async def test_a_passed_request_the_worker_cannot_start_is_released(
         if why == "stopping":
             second._stopping = True
         assert limits.admit("127.0.0.10", 1) is None  # what worker 0 counted before passing
-        first._elsewhere[("127.0.0.10", 4000)] = (1, trio.current_time() + 60)
+        first._passed.add(("127.0.0.10", 4000), 1, trio.current_time() + 60, trio.current_time())
         data = packets.encode_request(packets.OP_RRQ, "whoami", "octet", {})
         assert first._handoff is not None
         assert first._handoff.pass_request(1, 0 if why == "stopping" else 7,
@@ -227,7 +282,7 @@ async def test_a_lost_word_of_the_end_costs_a_hop_not_the_client(
             await c.expect(packets.OptionAck)
             c.send_peer(packets.encode_error(0, "enough"))
             await wait_idle(second)
-            assert list(first._elsewhere) == [(CLIENT_A, c.sock.getsockname()[1])]
+            assert list(first._passed) == [(CLIENT_A, c.sock.getsockname()[1])]
             c.peer = None
             for _ in range(2):  # a new request from the same port, and its retransmission
                 c.rrq("secret-a", blksize=1024)
@@ -246,7 +301,7 @@ async def test_a_port_passed_to_a_worker_that_died_is_served_here(tree: Path) ->
         assert first._handoff is not None
         with RawClient(addr, CLIENT_A) as c:
             key = (CLIENT_A, c.sock.getsockname()[1])
-            first._elsewhere[key] = (1, trio.current_time() + 60)
+            first._passed.add(key, 1, trio.current_time() + 60, trio.current_time())
             first._handoff._out[1].close()  # worker 1 is gone
             c.rrq("whoami")
             data = await c.expect(packets.Data)
@@ -254,5 +309,5 @@ async def test_a_port_passed_to_a_worker_that_died_is_served_here(tree: Path) ->
             assert data.payload == (CLIENT_A + "\n").encode()
             c.ack(1)
         await wait_idle(first, second)
-        assert first.stats.completed == 1 and key not in first._elsewhere
+        assert first.stats.completed == 1 and key not in first._passed
 
