@@ -50,9 +50,10 @@ class PassedPorts:
     Until that worker reports the session's end (:meth:`forget`), or the longest transfer
     could have ended (``until``, given with :meth:`add`), every request from such a port is
     passed to the same worker (see the module docstring).  An entry whose end was never
-    reported (a lost message, a worker that died) expires; entries are bounded: when
-    ``bound`` is reached the expired ones are dropped.  Pure bookkeeping: the caller gives
-    the time (trio's clock in the server).
+    reported (a lost message, a worker that died) expires, and once ``bound`` entries are
+    held the expired ones are swept at the next :meth:`add`; a live one is never dropped
+    (it stands for a transfer running elsewhere, counted in the limits).  Pure
+    bookkeeping: the caller gives the time (trio's clock in the server).
     """
 
     def __init__(self, bound: int) -> None:
