@@ -233,6 +233,18 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
             a, b = med["vfsroot"], med[peer]
             ratios.append(f"{a / b:12.2f}x" if b and b == b and a == a else f"{'-':>13}")
         print(f"{row:{width}}" + "".join(cells) + "".join(ratios))
+    # The storms move by +-10 % from round to round on a shared 2-CPU VM; the ratio within
+    # each round (the servers ran back to back) shows how much of a median is that noise.
+    for row, per in results.items():
+        if "aggregate" not in row:
+            continue
+        pairs = []
+        for peer in SERVERS[1:]:
+            ours, theirs = per.get("vfsroot", []), per.get(peer, [])
+            pairs.append(f"{peer} " + " ".join(
+                f"{a / b:.2f}" if b and b == b and a == a else "-"
+                for a, b in zip(ours, theirs, strict=False)))
+        print(f"{row}, vfsroot / peer per round: " + "; ".join(pairs))
     print("* = the server did not negotiate windowsize (lock-step instead)")
     print("failures: client exit status or sha256 mismatch; server CPU includes every process "
           "the server forked (cgroup cpuacct); peak RSS: the main process plus its live "
