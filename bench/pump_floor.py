@@ -225,9 +225,9 @@ def _tree(pid: int) -> list[int]:
 
 
 def _ticks(pids: list[int], group: Path | None) -> tuple[int, int, int, int]:
-    """utime, stime (clock ticks; from the server's cpuacct group when it has one, which
-    counts tftpd-hpa's per-transfer children), voluntary and involuntary switches of the
-    main threads."""
+    """utime, stime (clock ticks: from the server's cpuacct group when it has one, which
+    counts tftpd-hpa's per-transfer children, else from /proc), voluntary and involuntary
+    switches of the main threads."""
     user = system = vol = inv = 0
     for pid in pids:
         try:
@@ -235,7 +235,8 @@ def _ticks(pids: list[int], group: Path | None) -> tuple[int, int, int, int]:
             status = Path(f"/proc/{pid}/status").read_text().splitlines()
         except OSError:
             continue
-        user, system = user + int(fields[11]), system + int(fields[12])
+        if group is None:
+            user, system = user + int(fields[11]), system + int(fields[12])
         for line in status:
             if line.startswith("voluntary_ctxt_switches"):
                 vol += int(line.split()[1])
@@ -340,17 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         mode, port, path, workers = args.serve
         serve(mode, int(port), Path(path), int(workers))
         return 0
-    if os.environ.get("VFSROOT_BENCH_NETNS") != "1":
-        if os.geteuid() != 0:
-            print("bench/pump_floor.py: run as root (network namespace)", file=sys.stderr)
-            return 2
-        tftp_peers.fetch_peers(CACHE)  # needs the network: before unshare
-        env = {**os.environ, "VFSROOT_BENCH_NETNS": "1"}
-        return subprocess.call(["unshare", "--net", "--", sys.executable, __file__,
-                                *(argv if argv is not None else sys.argv[1:])], env=env)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=False,
-                   stderr=subprocess.DEVNULL)  # tftpd-hpa wants a second address
+    status = tftp_peers.in_private_netns(__file__, argv, CACHE)
+    if status is not None:
+        return status
     run(args)
     return 0
 

@@ -208,6 +208,13 @@ def run(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _ratio(ours: float, theirs: float) -> float | None:
+    """ours / theirs, or None where either is missing (NaN: a failed fetch) or theirs is 0."""
+    if not theirs or theirs != theirs or ours != ours:
+        return None
+    return ours / theirs
+
+
 def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[str, str]],
                 args: argparse.Namespace) -> None:
     lower_is_better = ("slowest", "failures", "CPU", "RSS")
@@ -230,8 +237,8 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
             cells.append(f"{med[s]:10.2f}{mark}")
         ratios = []
         for peer in SERVERS[1:]:
-            a, b = med["vfsroot"], med[peer]
-            ratios.append(f"{a / b:12.2f}x" if b and b == b and a == a else f"{'-':>13}")
+            r = _ratio(med["vfsroot"], med[peer])
+            ratios.append(f"{r:12.2f}x" if r is not None else f"{'-':>13}")
         print(f"{row:{width}}" + "".join(cells) + "".join(ratios))
     # The storms move by +-10 % from round to round on a shared 2-CPU VM; the ratio within
     # each round (the servers ran back to back) shows how much of a median is that noise.
@@ -242,7 +249,7 @@ def print_table(results: dict[str, dict[str, list[float]]], nowindow: set[tuple[
         for peer in SERVERS[1:]:
             ours, theirs = per.get("vfsroot", []), per.get(peer, [])
             pairs.append(f"{peer} " + " ".join(
-                f"{a / b:.2f}" if b and b == b and a == a else "-"
+                f"{r:.2f}" if (r := _ratio(a, b)) is not None else "-"
                 for a, b in zip(ours, theirs, strict=False)))
         print(f"{row}, vfsroot / peer per round: " + "; ".join(pairs))
     print("* = the server did not negotiate windowsize (lock-step instead)")
@@ -271,19 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.size_mib, args.concurrent_mib, args.rate_seconds = 1, 8, 2, 1.0
-    if os.environ.get("VFSROOT_BENCH_NETNS") != "1":
-        if os.geteuid() != 0:
-            print("bench/tftp.py: run as root (network namespace, port 69)", file=sys.stderr)
-            return 2
-        tftp_peers.fetch_peers(Path(args.cache))  # needs the network: before unshare
-        env = {**os.environ, "VFSROOT_BENCH_NETNS": "1"}
-        return subprocess.call(["unshare", "--net", "--", sys.executable, __file__,
-                                *(argv if argv is not None else sys.argv[1:])], env=env)
-    # Inside the namespace: loopback up, and a second address (tftpd-hpa exits with 66 when
-    # 127.0.0.1 is the only one, docs/clients.md).
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["ip", "addr", "add", "127.0.0.2/8", "dev", "lo"], check=False,
-                   stderr=subprocess.DEVNULL)
+    status = tftp_peers.in_private_netns(__file__, argv, Path(args.cache))
+    if status is not None:
+        return status
     run(args)
     return 0
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.reliability.servers import free_udp_port
 from tftpd.client import fetch
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("mode", ["floor-per", "floor-mmsg"])
@@ -32,7 +26,7 @@ def test_floor_servers_send_every_block_to_every_client(tmp_path: Path, mode: st
     data = os.urandom(size)
     path = tmp_path / "file.bin"
     path.write_bytes(data)
-    port = _free_udp_port()
+    port = free_udp_port()
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "bench" / "pump_floor.py"), "--serve", mode, str(port),
          str(path), "2"], start_new_session=True)  # two workers, like the benchmark
