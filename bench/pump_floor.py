@@ -265,7 +265,8 @@ def run(args: argparse.Namespace) -> None:
         if peers:
             bins = tftp_peers.fetch_peers(CACHE)
             servers = tftp_peers.start_servers(bins, root, logdir, max_clients=64,
-                                               workers=args.workers)
+                                               workers=args.workers,
+                                               python_lane="vfsroot-py" in modes)
             for s in servers:
                 if s.name not in peers:
                     s.stop()

@@ -104,13 +104,15 @@ def _cgroup(name: str) -> Path | None:
 
 def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                   max_clients: int, workers: int | None = None,
-                  cpu: str | None = None) -> list[Running]:
+                  cpu: str | None = None, python_lane: bool = False) -> list[Running]:
     """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
 
     All get the same limits where they have them: block sizes up to 65464, at least
     ``max_clients`` concurrent transfers, no per-transfer logging beyond their default.
     ``root`` holds the files; vfsroot serves ``root/127.0.0.1`` through its per-client mode (its
-    normal path), so the peers are pointed at that same directory.
+    normal path), so the peers are pointed at that same directory.  ``python_lane``: also
+    ``vfsroot-py``, vfsroot-tftpd answering lock-step ACKs in Python (``--python-lane``), to
+    see what the compiled lane is worth in the same run.
     """
     served = root / "127.0.0.1"
     specs = {
@@ -132,6 +134,9 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                          "--bind-interfaces", f"--tftp-max={2 * max_clients}", "--user=root",
                          "--quiet-tftp", f"--pid-file={logdir / 'dnsmasq.pid'}"]),
     }
+    if python_lane:
+        specs["vfsroot-py"] = (6904, [*specs["vfsroot"][1], "--python-lane"])
+        specs["vfsroot-py"][1][specs["vfsroot-py"][1].index("127.0.0.1:6901")] = "127.0.0.1:6904"
     running = []
     for name, (port, cmd) in specs.items():
         log = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the server)

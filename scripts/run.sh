@@ -31,7 +31,9 @@ make_venv() {
     # made from /usr/bin/python3 (not whatever python3 is first on PATH) and sees its packages.
     local stamp=.venv/.installed
     local want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    # The C lock-step lane (tftpd/_lane.c) is compiled by this install: a change to it or to
+    # its build must reinstall, like a change of dependencies.
+    want=$(cat pyproject.toml setup.py tftpd/_lane.c | sha256sum | cut -d' ' -f1)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
     [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
     .venv/bin/python -m pip install -q --upgrade pip

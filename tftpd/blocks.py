@@ -268,6 +268,13 @@ class BlockSource:
                 return None
             self._take_prefetched()
 
+    def current(self) -> tuple[memoryview, int, int, int]:
+        """The current chunk as ``(frames, first, count, end)``: frames of blocks
+        ``first..first+count-1`` in the first ``end`` bytes (the compiled lock-step lane
+        sends from it).  Its buffer is not recycled before the next :meth:`poll` or
+        :meth:`gather` that moves past it."""
+        return self._view, self._first, self._count, self._end
+
     def peek(self, seq: int) -> memoryview | None:
         """The frame of block ``seq`` if it is already read, else None (RuntimeError if it
         was released: acknowledged blocks are never asked again)."""

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spin-us", type=_bounded(0, 10000), default=200, metavar="MICROSECONDS",
                    help="busy-poll this long for an ACK while only one transfer runs and its "
                         "RTT is shorter (lock-step latency; default 200, 0 = off)")
+    p.add_argument("--python-lane", action="store_true",
+                   help="answer lock-step ACKs in Python even where the compiled lane "
+                        "(tftpd/_lane.c) is built: for comparison and debugging")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, time running transfers get to finish")
     p.add_argument("--follow-outside-symlinks", action="store_true",
@@ -143,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         blksize_max=args.blksize_max, windowsize_max=args.windowsize_max,
         mtu_clamp=args.mtu_clamp, retransmit_timeout=args.retransmit, retries=args.retries,
         read_ahead=args.read_ahead, max_transfer_seconds=args.max_transfer_seconds,
-        spin_seconds=args.spin_us / 1e6,
+        spin_seconds=args.spin_us / 1e6, compiled_lane=not args.python_lane,
     )
     return ServerConfig(
         root=args.root, flat=args.flat, listen=tuple(listen), family=args.family or "any",

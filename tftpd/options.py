@@ -54,6 +54,9 @@ class TransferPolicy:
     #: Linux >= 4.18); a transfer falls back to one ``send`` per datagram where the kernel
     #: refuses it.  Off: always one ``send`` per datagram.
     gso: bool = True
+    #: Answer lock-step's common ACK in the compiled lane (tftpd/_lane.c) where it is built;
+    #: off, or without the module, the pump answers it in Python (the same rules).
+    compiled_lane: bool = True
 
 
 @dataclass(frozen=True)

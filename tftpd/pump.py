@@ -18,6 +18,14 @@ segmentation offload, Linux >= 4.18): the kernel cuts the buffer into equal data
 ``blksize + 4`` bytes (the last may be shorter).  A socket where the kernel refuses it (no
 checksum offload on the route, a segment larger than the MTU) falls back to one ``send`` per
 datagram for the rest of its transfer.
+
+Lock-step's common exchange -- the ACK of the newest block, and the next block goes out -- is
+answered by a compiled lane (tftpd/_lane.c) where it is built: the pump arms a transfer in it
+whenever the sender is in that state and the next block is in the current read-ahead chunk,
+and takes it back (:meth:`Pump._take_back`, which folds what the lane did into the
+:class:`~tftpd.sender.Sender`) before it handles the transfer in any other way.  Without the
+module, or with ``compiled_lane=False``, :meth:`Pump._event` answers the same exchange in
+Python.
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ from . import packets
 from .blocks import BlockSource
 from .packets import MalformedPacket
 from .sender import Sender
+
+try:
+    from ._lane import Lane as _CompiledLane
+except ImportError:  # not built (no compiler at install): the Python lane answers every ACK
+    _CompiledLane = None
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +156,7 @@ class Transfer:
 
     __slots__ = ("sock", "fd", "sender", "source", "blksize", "seg", "gso", "final_len",
                  "on_end", "error", "finished", "timer_at", "want_write", "ignored", "lockstep",
-                 "expires", "oack")
+                 "expires", "oack", "laned")
 
     def __init__(self, sock: socket.socket, sender: Sender, source: BlockSource, blksize: int,
                  gso: bool) -> None:
@@ -170,14 +183,23 @@ class Transfer:
         self.expires = _NEVER
         #: The OACK datagram, when the sender starts with it (block 0).
         self.oack: bytes | None = None
+        #: Armed in the compiled lane: its ACKs are answered there until taken back.
+        self.laned = False
 
 
 class Pump:
     """The DATA phase of every transfer of this process, in one task (:meth:`run`)."""
 
     def __init__(self, *, spin_seconds: float = 0.0, spin_max_sessions: int = 1,
-                 active: Callable[[], int] = lambda: 1) -> None:
+                 active: Callable[[], int] = lambda: 1, compiled_lane: bool = True) -> None:
         self._ep = select.epoll()
+        #: The compiled lock-step lane on this epoll object, if built and wanted; every
+        #: wait of the pump then goes through it (:meth:`_poll`).
+        self._lane = (_CompiledLane(self._ep.fileno(), 512)
+                      if compiled_lane and _CompiledLane is not None else None)
+        self._poll: Callable[[float], list[tuple[int, int]]] = (
+            self._lane.poll if self._lane is not None
+            else functools.partial(self._ep.poll, maxevents=512))
         self._by_fd: dict[int, Transfer] = {}
         self._timers: list[tuple[float, int, Transfer]] = []
         self._tick = itertools.count()
@@ -205,8 +227,18 @@ class Pump:
         #: Passes that found ready sockets, DATA datagrams sent, ``sendmsg`` calls that carried
         #: several of them (UDP GSO): for tests and the curious.
         self.wakeups = 0
-        self.datagrams = 0
+        self._datagrams = 0
         self.gso_sends = 0
+
+    @property
+    def compiled_lane(self) -> bool:
+        """Whether lock-step ACKs are answered by the compiled lane (tftpd/_lane.c)."""
+        return self._lane is not None
+
+    @property
+    def datagrams(self) -> int:
+        """DATA datagrams sent, by the pump and its compiled lane."""
+        return self._datagrams + (self._lane.datagrams if self._lane is not None else 0)
 
     def close(self) -> None:
         with self._post_lock:  # no thread writes to the eventfd once it is closed
@@ -336,6 +368,8 @@ class Pump:
             os.eventfd_write(self._wake_fd, 1)
 
     def _detach(self, t: Transfer) -> None:
+        if t.laned:  # the sender's counts must be whole for the owner's on_end
+            self._take_back(t)
         t.source.on_ready = None
         if self._by_fd.get(t.fd) is t:
             del self._by_fd[t.fd]
@@ -386,19 +420,21 @@ class Pump:
                         busy = False
                         events = None
                         while True:
+                            # Events a wait found are always handled by the next pass: with
+                            # the compiled lane they may stand for datagrams it already read.
                             worked = self._pass(clock(), events)
                             events = None
+                            if clock() >= yield_at:
+                                busy = True
+                                break
                             if not worked:  # nothing ready: wait for it here, or in trio
                                 events = self._wait_direct(yield_at)
                                 if events is None:
                                     break
-                            if clock() >= yield_at:
-                                busy = True
-                                break
                         if busy:  # still work to do: let the other tasks in, then go on
                             await trio.lowlevel.checkpoint()
                             continue
-                        if self._runnable:
+                        if self._runnable or (self._lane is not None and self._lane.pending):
                             continue
                         timers = self._timers
                         deadline = (timers[0][0] - clock() + now_trio()) if timers else inf
@@ -447,8 +483,8 @@ class Pump:
             until = timers[0][0]
         if until <= now:  # the time between checkpoints is up, or a timer is due
             return [] if timers and timers[0][0] <= now else None
-        events = self._ep.poll(until - now, 512)
-        if events:
+        events = self._poll(until - now)
+        if events or self._answered():
             self._direct_backoff = 1
             return events
         if timers and timers[0][0] <= time.perf_counter():
@@ -468,19 +504,24 @@ class Pump:
                     self._step(t, now, self._advance)
             worked = True
         if events is None:
-            events = self._ep.poll(0, 512)
+            events = self._poll(0)
+            if self._answered():
+                worked = True
         if not events and self._spin and self._by_fd and self._spin_pays():
             # Few transfers, a CPU to spare and ACKs that come back within microseconds: one
             # is cheaper to catch by polling than through a sleep and a scheduler round trip.
             clock = time.perf_counter
             spin_until = clock() + self._spin
             while not events and clock() < spin_until:
-                events = self._ep.poll(0, 512)
+                events = self._poll(0)
+                if self._answered():
+                    worked = True
+                    break
             now = clock()
         if events:
             self.wakeups += 1
             by_fd = self._by_fd
-            event = self._event
+            event = self._event if self._lane is None else self._lane_event
             ready: list[Callable[[], object]] = []
             for fd, ev in events:
                 t = by_fd.get(fd)
@@ -532,6 +573,12 @@ class Pump:
     def _step(self, t: Transfer, now: float, action: Callable[[Transfer, float], None]) -> None:
         """Run one handler for ``t``; whatever it raises ends that transfer only."""
         try:
+            if t.laned:
+                held = self._take_back(t)
+                if held is not None:  # read by the lane: handled before anything else
+                    self._held(t, now, held)
+                    if t.finished:
+                        return
             action(t, now)
         except Exception as exc:
             self._fail(t, exc)
@@ -540,6 +587,69 @@ class Pump:
             self._finish(t)
         elif not t.finished:
             self._schedule(t)
+            if self._lane is not None and t.lockstep:
+                self._arm(t)
+
+    # -- the compiled lane -------------------------------------------------------------------
+
+    def _answered(self) -> bool:
+        """The last :meth:`_poll` answered ACKs in the compiled lane (work done, no events)."""
+        return self._lane is not None and self._lane.answered > 0
+
+    def _arm(self, t: Transfer) -> None:
+        """Hand ``t``'s next lock-step ACKs to the compiled lane, if the sender is in the
+        state the lane answers (one block in flight, nothing due) and the next block is in
+        the current read-ahead chunk; otherwise the pump keeps it."""
+        assert self._lane is not None
+        if t.finished or t.want_write or t.laned:
+            return
+        state = t.sender.lane_state()
+        if state is None:
+            return
+        upto, clean, srtt, last_tx = state
+        frames, first, count, end = t.source.current()
+        if not first <= upto + 1 < first + count:
+            return  # the next block is in a chunk not current yet: poll() gets it
+        self._lane.arm(t.fd, upto, frames, first, count, end, t.seg, clean, srtt, last_tx)
+        t.laned = True
+
+    def _take_back(self, t: Transfer) -> bytes | int | None:
+        """Take ``t`` out of the compiled lane and fold what it sent into the sender; returns
+        what the lane read but did not answer (a datagram, or the errno of a failed recv or
+        send), for the pump to handle now."""
+        assert self._lane is not None
+        t.laned = False
+        state = self._lane.disarm(t.fd)
+        if state is None:
+            return None
+        upto, last_tx, srtt, sent, held = state
+        if sent:
+            t.sender.acked_and_sent(upto, last_tx, srtt)
+        return held
+
+    def _held(self, t: Transfer, now: float, held: bytes | int) -> None:
+        """What the lane read but left: a datagram goes the general way (:meth:`_datagram`);
+        an errno means the client's port is gone, as a failed ``recv`` or ``send`` here."""
+        if isinstance(held, int):
+            raise PeerGone(os.strerror(held))
+        self._datagram(t, now, _EPOLLIN, held)
+
+    def _lane_event(self, t: Transfer, now: float, ev: int) -> None:
+        """:meth:`_event` for a pump with a compiled lane: the transfer is taken back first
+        (with what the lane read of this event), handled, and armed again if it can be."""
+        if t.laned:
+            try:
+                held = self._take_back(t)
+                if held is not None:
+                    self._held(t, now, held)
+                    ev = 0  # the event is spent
+            except Exception as exc:
+                self._fail(t, exc)
+                return
+        if ev:
+            self._event(t, now, ev)
+        if t.lockstep and not t.finished:
+            self._arm(t)
 
     def _fail(self, t: Transfer, exc: Exception) -> None:
         """End ``t`` with ``exc``, raised by one of its handlers: the one place that decides
@@ -609,7 +719,7 @@ class Pump:
             if not self._send_datagram(t, frame):  # the socket is full: sent when writable
                 sender.unsent(seq)
                 return
-            self.datagrams += 1
+            self._datagrams += 1
             if len(frame) < t.seg:
                 t.final_len = len(frame) - 4
                 sender.sent_final(seq)
@@ -701,7 +811,7 @@ class Pump:
             if not self._send_datagram(t, frame):
                 return
             if first:
-                self.datagrams += 1
+                self._datagrams += 1
             final = len(frame) < t.seg and first != 0
             if final:
                 t.final_len = len(frame) - 4
@@ -715,7 +825,7 @@ class Pump:
             return
         seg = t.seg
         sent = self._send(t, runs, seg, n)
-        self.datagrams += sent
+        self._datagrams += sent
         if sent:
             if final and sent == n:
                 t.final_len = (len(runs[-1]) - 4) % seg

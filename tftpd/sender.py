@@ -224,6 +224,31 @@ class Sender:
         self.deadline = now + self.rto
         return True
 
+    def lane_state(self) -> tuple[int, bool, float | None, float] | None:
+        """What a lock-step lane outside this class needs to answer the next ACKs itself
+        (tftpd/_lane.c): ``(newest block sent, window clean, srtt, when it went out)``; None
+        unless the transfer is lock-step with exactly that block in flight and nothing due
+        (the one state in which :meth:`ack_send` answers an ACK)."""
+        if (self.windowsize != 1 or self.outcome is not None or self.final is not None
+                or self.sent_upto != self.base or self.resend_from != self.base + 1):
+            return None
+        return self.sent_upto, self._window_clean, self.srtt, self._last_tx
+
+    def acked_and_sent(self, upto: int, last_tx: float, srtt: float | None) -> None:
+        """Blocks up to ``upto`` went out, each after the ACK of the one before, the newest
+        at ``last_tx``: the state :meth:`ack_send` would have left after each of those ACKs,
+        taken in one call from the lane that answered them (``srtt`` is its running
+        estimate, folded the same way)."""
+        if self.lane_state() is None or upto <= self.sent_upto:
+            raise ValueError(f"blocks up to {upto} cannot have been sent from here")
+        self.base = self.sent_upto = upto
+        self.resend_from = upto + 1
+        self._tries = 0
+        self._window_clean = True
+        self._window_sent_at = self._last_tx = last_tx
+        self.deadline = last_tx + self.rto
+        self.srtt = srtt
+
     def sent_final(self, seq: int) -> None:
         """Block ``seq``, just recorded by :meth:`ack_send`, is the short last one."""
         if seq != self.sent_upto or self.final is not None:

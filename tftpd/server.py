@@ -442,7 +442,12 @@ class TftpServer:
         policy = self.config.policy
         self.pump = pump = Pump(spin_seconds=policy.spin_seconds,
                                 spin_max_sessions=policy.spin_max_sessions,
-                                active=lambda: self.stats.active)
+                                active=lambda: self.stats.active,
+                                compiled_lane=policy.compiled_lane)
+        if policy.compiled_lane and not pump.compiled_lane:
+            log.warning("the compiled lock-step lane (tftpd/_lane.c) is not built: lock-step "
+                        "ACKs are answered in Python, which costs more CPU in a boot storm; "
+                        "reinstall with gcc and python3-dev present")
         self.opener = opener = OpenerPool(self._roots, self._limiter, watcher=pump)
         ctx = SessionContext(
             roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
@@ -468,10 +473,11 @@ class TftpServer:
                             for i, (tsock, rsock) in enumerate(zip(listeners, raw, strict=True)):
                                 listen.start_soon(pump.serve_readable, rsock.fileno(),
                                                   self._listener(tsock, rsock, ctx, buckets, i))
-                            log.info("listening addresses=%s root=%s mode=%s%s",
+                            log.info("listening addresses=%s root=%s mode=%s lane=%s%s",
                                      ",".join(f"{h}:{p}" for h, p in self.addresses),
                                      self.config.root,
                                      "flat" if self.config.flat else "per-client",
+                                     "compiled" if pump.compiled_lane else "python",
                                      f" worker={self.config.worker}" if self.config.worker
                                      else "")
                             task_status.started(list(self.addresses))

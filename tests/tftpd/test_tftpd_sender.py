@@ -446,3 +446,62 @@ def test_unsent_refuses_a_block_ack_send_did_not_record() -> None:
     s.sent_final(2)
     with pytest.raises(ValueError):
         s.unsent(2)  # the last block went out: nothing to take back
+
+
+# -- the compiled lane's hand-over (tftpd/_lane.c answers ACKs outside the Sender) ----------------
+
+@settings(max_examples=200, deadline=None)
+@given(oack=st.booleans(), start=st.integers(0, 70000), steps=st.integers(1, 300),
+       clean=st.booleans(), gaps=st.lists(st.floats(1e-6, 0.01), min_size=1, max_size=8))
+def test_acked_and_sent_is_ack_send_repeated(oack: bool, start: int, steps: int, clean: bool,
+                                             gaps: list[float]) -> None:
+    """What the lane folds back in one call leaves the sender exactly as ``ack_send`` once
+    per answered ACK would (the lane computes the same smoothed RTT; it is handed over)."""
+    s = Sender(1, rto=0.5, retries=3, oack=oack)
+    now = 0.0
+    first = 0 if oack else 1
+    s.sent(first, first, now)
+    for _ in range(start % 50):  # somewhere into the transfer, through the general path
+        now += 0.001
+        s.on_ack(s.sent_upto & 0xFFFF, now)
+        s.sent(s.sent_upto + 1, s.sent_upto + 1, now)
+    if not clean:  # the window in flight was resent: no RTT sample from its ACK
+        assert s.timeout(now + 1.0)
+        now += 1.0
+        s.sent(s.base, s.base, now)
+    state = s.lane_state()
+    assert state is not None and state[0] == s.sent_upto and state[1] == clean
+    stepped = copy.deepcopy(s)
+    for i in range(steps):
+        now += gaps[i % len(gaps)]
+        assert stepped.ack_send(stepped.sent_upto & 0xFFFF, now)
+    s.acked_and_sent(stepped.sent_upto, now, stepped.srtt)
+    assert {k: getattr(s, k) for k in Sender.__slots__ if k != "_counters"} == \
+        {k: getattr(stepped, k) for k in Sender.__slots__ if k != "_counters"}
+    assert s.counters == stepped.counters
+
+
+@pytest.mark.parametrize("state", ["window", "nothing sent", "acked, next not sent", "final",
+                                   "resend due", "over"])
+def test_the_lane_gets_only_lock_step_with_one_block_in_flight(state: str) -> None:
+    s = Sender(4 if state == "window" else 1, rto=1.0, retries=0 if state == "over" else 3)
+    if state != "nothing sent":
+        s.sent(1, 1, 0.0, final=state == "final")
+    if state == "acked, next not sent":
+        s.ack(1, 0.01)
+    elif state == "resend due":
+        assert s.timeout(1.0)
+    elif state == "over":
+        assert not s.timeout(1.0)
+    assert s.lane_state() is None
+    with pytest.raises(ValueError):
+        s.acked_and_sent(5, 1.0, None)
+
+
+def test_acked_and_sent_refuses_to_go_backwards() -> None:
+    s = Sender(1, rto=1.0, retries=3)
+    s.sent(1, 1, 0.0)
+    s.ack(1, 0.001)
+    s.sent(2, 2, 0.001)
+    with pytest.raises(ValueError):
+        s.acked_and_sent(2, 0.002, None)

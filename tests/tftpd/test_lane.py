@@ -1,0 +1,265 @@
+"""The compiled lock-step lane (tftpd/_lane.c) on real UDP sockets and a real epoll object.
+
+The lane answers exactly one exchange -- the ACK of the newest block, and the next full frame
+goes out -- and must hand everything else to the pump byte for byte: a datagram it took off a
+socket and did not answer exists nowhere else.  These tests drive it the way the pump does
+(``arm``, ``poll``, ``disarm``) with a client socket standing for the TFTP client.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tftpd import _lane as lane_mod  # built at install: a missing build fails here, loudly
+from tftpd.frames import Frames
+
+BLK = 8
+SEG = BLK + 4
+
+
+def ack(block: int) -> bytes:
+    return struct.pack("!HH", 4, block & 0xFFFF)
+
+
+class Wire:
+    """A connected pair of UDP sockets on 127.0.0.1, the server's end in an epoll object
+    with a lane on it."""
+
+    def __init__(self) -> None:
+        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.client.bind(("127.0.0.1", 0))
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.server.bind(("127.0.0.1", 0))
+        self.server.connect(self.client.getsockname())
+        self.client.connect(self.server.getsockname())
+        self.server.setblocking(False)
+        self.client.settimeout(2.0)
+        self.fd = self.server.fileno()
+        self.ep = select.epoll()
+        self.ep.register(self.fd, select.EPOLLIN)
+        self.lane = lane_mod.Lane(self.ep.fileno())
+
+    def close(self) -> None:
+        self.lane.disarm(self.fd)
+        self.ep.close()
+        self.server.close()
+        self.client.close()
+
+    def nothing_for_client(self) -> bool:
+        self.client.settimeout(0.05)
+        try:
+            self.client.recv(4096)
+        except TimeoutError:
+            return True
+        finally:
+            self.client.settimeout(2.0)
+        return False
+
+
+@contextmanager
+def wire() -> Iterator[Wire]:
+    w = Wire()
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def frames_of(data: bytes, first: int) -> tuple[Frames, int, int]:
+    """Frames of ``data`` as the file's blocks from ``first`` (the last one short), with
+    their count and end."""
+    frames = Frames(BLK, len(data) // BLK + 1)
+    n = frames.fill(data, first, final=True)
+    end = (n - 1) * SEG + 4 + len(data) - (n - 1) * BLK
+    return frames, n, end
+
+
+def arm(w: Wire, upto: int, frames: Frames, first: int, count: int, end: int, *,
+        clean: bool = True, srtt: float | None = None, last_tx: float | None = None) -> None:
+    w.lane.arm(w.fd, upto, frames.view, first, count, end, SEG, clean, srtt,
+               time.perf_counter() if last_tx is None else last_tx)
+
+
+def test_the_ack_of_the_newest_block_is_answered_with_the_next_frame() -> None:
+    data = bytes(range(5 * BLK + 3))  # blocks 1-5 full, block 6 short
+    frames, n, end = frames_of(data, 1)
+    with wire() as w:
+        t0 = time.perf_counter()
+        arm(w, 1, frames, 1, n, end)
+        for block in range(1, 5):
+            w.client.send(ack(block))
+            assert w.lane.poll(1.0) == []
+            assert w.lane.answered == 1
+            got = w.client.recv(4096)
+            assert got == struct.pack("!HH", 3, block + 1) + data[block * BLK:(block + 1) * BLK]
+        # The ACK of block 5: block 6 is the short last one, which the pump sends itself.
+        w.client.send(ack(5))
+        assert w.lane.poll(1.0) == [(w.fd, select.EPOLLIN)]
+        assert w.nothing_for_client()
+        upto, last_tx, srtt, sent, held = w.lane.disarm(w.fd)
+        assert (upto, sent, held) == (5, 4, ack(5))
+        assert t0 <= last_tx <= time.perf_counter()
+        assert srtt is not None and 0 < srtt < 1.0
+        assert w.lane.datagrams == 4
+        assert w.lane.disarm(w.fd) is None  # taken back once
+
+
+def test_the_next_block_outside_the_frames_is_left_to_the_pump() -> None:
+    frames, n, end = frames_of(bytes(4 * BLK), 10)  # blocks 10-13 full, 14 empty
+    with wire() as w:
+        arm(w, 13, frames, 10, 4, 4 * SEG)  # only 10-13 given: 14 is not in them
+        w.client.send(ack(13))
+        assert w.lane.poll(1.0) == [(w.fd, select.EPOLLIN)]
+        upto, _, _, sent, held = w.lane.disarm(w.fd)
+        assert (upto, sent, held) == (13, 0, ack(13))
+        assert w.nothing_for_client()
+
+
+@pytest.mark.parametrize("datagram", [
+    ack(2),  # duplicate: the block before the one in flight
+    ack(4),  # from the future
+    struct.pack("!HH", 5, 0) + b"client aborted\x00",  # ERROR
+    b"\x00",  # too short to be anything
+    b"\x00\x01file\x00octet\x00",  # an RRQ on the transfer's port
+    b"\x01\x04\x00\x03",  # ACK 3 with a bad opcode byte
+])
+def test_anything_else_is_held_byte_for_byte(datagram: bytes) -> None:
+    frames, n, end = frames_of(bytes(8 * BLK), 1)
+    with wire() as w:
+        arm(w, 3, frames, 1, n, end)
+        w.client.send(datagram)
+        assert w.lane.poll(1.0) == [(w.fd, select.EPOLLIN)]
+        assert w.lane.answered == 0
+        assert w.nothing_for_client()
+        upto, _, _, sent, held = w.lane.disarm(w.fd)
+        assert (upto, sent, held) == (3, 0, datagram)
+
+
+def test_a_held_datagram_is_reported_until_taken_back() -> None:
+    """The socket is empty once the lane read the datagram, so epoll will not report it
+    again: a caller that dropped one poll's events (the pump once did, at the end of its time
+    slice) must still see it, or the transfer waits for its retransmission timer."""
+    frames, n, end = frames_of(bytes(8 * BLK), 1)
+    with wire() as w:
+        arm(w, 3, frames, 1, n, end)
+        w.client.send(ack(2))
+        assert w.lane.poll(1.0) == [(w.fd, select.EPOLLIN)]
+        assert w.lane.pending == 1
+        assert w.lane.poll(0) == [(w.fd, select.EPOLLIN)]  # again, from the lane alone
+        assert w.lane.poll(0.2) == [(w.fd, select.EPOLLIN)]
+        assert w.lane.disarm(w.fd)[4] == ack(2)
+        assert w.lane.pending == 0
+        assert w.lane.poll(0) == []
+
+
+def test_block_numbers_wrap_from_65535_to_0() -> None:
+    data = bytes(range(256)) * 4  # 128 blocks of 8 bytes
+    frames, n, end = frames_of(data[:4 * BLK], 65534)
+    with wire() as w:
+        arm(w, 65535, frames, 65534, 4, 4 * SEG)
+        w.client.send(ack(65535))
+        assert w.lane.poll(1.0) == []
+        assert w.client.recv(4096)[:4] == struct.pack("!HH", 3, 0)  # block 65536
+        w.client.send(ack(0))
+        assert w.lane.poll(1.0) == []
+        assert w.client.recv(4096)[:4] == struct.pack("!HH", 3, 1)  # block 65537
+        assert w.lane.disarm(w.fd)[:1] == (65537,)
+
+
+def test_an_error_on_the_socket_is_left_to_the_pump() -> None:
+    """A client that vanished: the ICMP error makes epoll report more than EPOLLIN, and the
+    pump (which turns it into the transfer's end) gets the event untouched."""
+    frames, n, end = frames_of(bytes(8 * BLK), 1)
+    with wire() as w:
+        arm(w, 1, frames, 1, n, end)
+        w.client.close()
+        w.server.send(b"\x00\x03\x00\x01")  # the port is closed now: ICMP unreachable
+        time.sleep(0.05)
+        events = w.lane.poll(1.0)
+        assert len(events) == 1 and events[0][0] == w.fd
+        assert events[0][1] & select.EPOLLERR
+        assert w.lane.disarm(w.fd)[3:] == (0, None)
+
+
+def test_rtt_is_folded_like_the_sender_and_only_from_clean_windows() -> None:
+    frames, n, end = frames_of(bytes(8 * BLK), 1)
+    with wire() as w:
+        sent_at = time.perf_counter()
+        arm(w, 1, frames, 1, n, end, clean=False, srtt=0.5, last_tx=sent_at)
+        w.client.send(ack(1))
+        w.lane.poll(1.0)
+        w.client.recv(4096)
+        assert w.lane.disarm(w.fd)[2] == 0.5  # a resent window gives no sample (Karn)
+        sent_at = time.perf_counter()
+        arm(w, 2, frames, 1, n, end, clean=True, srtt=0.5, last_tx=sent_at)
+        w.client.send(ack(2))
+        w.lane.poll(1.0)
+        srtt = w.lane.disarm(w.fd)[2]
+        assert 0.875 * 0.5 <= srtt <= 0.875 * 0.5 + 0.125 * (time.perf_counter() - sent_at)
+
+
+@pytest.mark.parametrize(("first", "count", "end", "seg"), [
+    (1, 4, 4 * SEG + 1, SEG),  # more bytes than frames
+    (1, 4, 3 * SEG, SEG),  # the last frame missing
+    (1, 100, 100 * SEG, SEG),  # past the buffer
+    (1, 4, 4 * SEG, 4),  # a frame without payload room
+    (-1, 4, 4 * SEG, SEG),
+])
+def test_arm_refuses_frames_that_do_not_add_up(first: int, count: int, end: int,
+                                               seg: int) -> None:
+    frames, _, _ = frames_of(bytes(8 * BLK), 1)
+    with wire() as w:
+        with pytest.raises(ValueError):
+            w.lane.arm(w.fd, 1, frames.view, first, count, end, seg, True, None, 0.0)
+        assert not w.lane.armed(w.fd)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(upto=st.integers(0, 70000), count=st.integers(1, 12),
+       datagrams=st.lists(st.one_of(st.just(b"next"), st.just(b"dup"),
+                                    st.binary(min_size=0, max_size=8)), max_size=12))
+def test_every_datagram_is_answered_exactly_or_handed_back(
+        upto: int, count: int, datagrams: list[bytes]) -> None:
+    """Against a model of the one rule: the ACK of the newest block is answered with the next
+    frame when that frame is given and full; every other datagram comes back unchanged, and
+    the pump (here: the test) arms the lane again at the same state."""
+    first = max(upto - count // 2, 0)
+    data = bytes((first + i) % 251 for i in range(count * BLK))
+    frames = Frames(BLK, count)
+    frames.fill(data, first, final=False)
+    with wire() as w:
+        seq = upto
+        arm(w, seq, frames, first, count, count * SEG)
+        for d in datagrams:
+            if d == b"next":
+                d = ack(seq)
+            elif d == b"dup":
+                d = ack(seq - 1)
+            w.client.send(d)
+            events = w.lane.poll(1.0)
+            i = seq + 1 - first
+            answerable = (len(d) >= 4 and d[:2] == b"\x00\x04"
+                          and int.from_bytes(d[2:4], "big") == seq & 0xFFFF
+                          and 0 <= i < count)
+            if answerable:
+                assert events == []
+                got = w.client.recv(4096)
+                assert got == struct.pack("!HH", 3, (seq + 1) & 0xFFFF) + \
+                    data[i * BLK:(i + 1) * BLK]
+                seq += 1
+            else:
+                assert events == [(w.fd, select.EPOLLIN)]
+                state = w.lane.disarm(w.fd)
+                assert state[0] == seq and state[4] == d
+                arm(w, seq, frames, first, count, count * SEG)
+        assert w.lane.disarm(w.fd)[0] == seq
+        assert w.nothing_for_client()

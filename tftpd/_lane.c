@@ -1,0 +1,484 @@
+/* The lock-step lane: RFC 1350's common case answered without entering the interpreter.
+ *
+ * In a boot storm nearly every packet is the same exchange: a lock-step client ACKs the
+ * newest block, and the next block -- already read into the transfer's frame buffer -- goes
+ * out.  The pump (tftpd/pump.py) does that in Python for about 1.1 us of user CPU per packet
+ * above a bare recv/send loop.  This module does only that exchange, in C, for transfers the
+ * pump hands it ("arms"), and hands everything else back untouched: every other event, every
+ * other datagram, a block outside the frames it was given, a short (final) block, a send the
+ * kernel refused.  The protocol's rules stay in tftpd/sender.py; what the lane did is folded
+ * back into the Sender when the pump takes the transfer back ("disarm"), exactly as if
+ * Sender.ack_send had been called for every ACK it answered.
+ *
+ * Lane(epfd).poll(timeout) waits on the pump's epoll object (the GIL released while it
+ * blocks), answers what it can and returns the other events as select.epoll.poll would.  An
+ * event of an armed transfer that the lane read but did not answer keeps its datagram (or the
+ * errno of the failed recv or send) in the transfer's slot; disarm() returns it, and the pump
+ * handles it as if it had read it itself.
+ *
+ * An armed slot holds a buffer export of the frame buffer it was given: the pump disarms a
+ * transfer before anything can recycle or drop that buffer (every chunk change happens in the
+ * pump's own handling of the transfer, which starts with disarm).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <stdlib.h>
+
+#define RECV_SIZE 2048
+#define OP_ACK 4
+
+typedef struct {
+    int armed;
+    int clean;              /* nothing of the window in flight was resent (Karn's rule) */
+    long long upto;         /* newest block sent, as a sequence number (block 1 = first DATA) */
+    long long first;        /* sequence number of the buffer's first frame */
+    long long count;        /* frames in the buffer */
+    Py_ssize_t end;         /* bytes of the buffer's frames (the last may be short) */
+    Py_ssize_t seg;         /* bytes of a full DATA frame: blksize + 4 */
+    double srtt;            /* smoothed RTT, seconds; < 0: no sample yet */
+    double last_tx;         /* when the newest block went out (CLOCK_MONOTONIC seconds) */
+    long long sent;         /* blocks this lane sent since the transfer was armed */
+    /* What the lane read but did not answer, for the pump: found without the GIL as a copy
+     * (``kept``, ``kept_len``) or an errno (``kept_errno``), then made ``held`` (bytes or int)
+     * once the GIL is back. */
+    unsigned char *kept;
+    Py_ssize_t kept_len;
+    int kept_errno;
+    PyObject *held;
+    int pending;                 /* in the lane's pending list: reported until disarmed */
+    unsigned long long reported; /* the poll() that last returned this descriptor */
+    Py_buffer frames;
+} Slot;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int maxevents;
+    struct epoll_event *events;
+    Slot *slots;            /* indexed by file descriptor */
+    Py_ssize_t nslots;
+    unsigned long long datagrams;
+    int answered;           /* events the last poll() answered itself */
+    /* Descriptors with something kept or held: every poll() reports them until the pump
+     * disarms them, so a datagram the lane took off a socket is never lost, even when a
+     * caller drops the events of one poll (the socket itself is no longer readable). */
+    int *pending;
+    int npending, cap_pending, narmed;
+    unsigned long long generation;
+    unsigned char buf[RECV_SIZE];
+} Lane;
+
+static double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void slot_release(Lane *self, Slot *s) {
+    if (s->armed) {
+        PyBuffer_Release(&s->frames);
+        s->armed = 0;
+        self->narmed--;
+    }
+    if (s->pending) {
+        int fd = (int)(s - self->slots);
+        for (int i = 0; i < self->npending; i++) {
+            if (self->pending[i] == fd) {
+                self->pending[i] = self->pending[--self->npending];
+                break;
+            }
+        }
+        s->pending = 0;
+    }
+    free(s->kept);
+    s->kept = NULL;
+    s->kept_errno = 0;
+    Py_CLEAR(s->held);
+}
+
+static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"epfd", "maxevents", NULL};
+    int epfd, maxevents = 512;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|i", kwlist, &epfd, &maxevents))
+        return -1;
+    if (epfd < 0 || maxevents < 1 || maxevents > 65536) {
+        PyErr_SetString(PyExc_ValueError, "epfd must be a descriptor, maxevents 1..65536");
+        return -1;
+    }
+    PyMem_Free(self->events);
+    self->events = PyMem_Calloc((size_t)maxevents, sizeof(struct epoll_event));
+    if (self->events == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->epfd = epfd;
+    self->maxevents = maxevents;
+    return 0;
+}
+
+static void Lane_dealloc(Lane *self) {
+    for (Py_ssize_t i = 0; i < self->nslots; i++)
+        slot_release(self, &self->slots[i]);
+    PyMem_Free(self->slots);
+    PyMem_Free(self->pending);
+    PyMem_Free(self->events);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Slot *slot_for(Lane *self, int fd, int grow) {
+    if (fd < 0)
+        return NULL;
+    if (fd >= self->nslots) {
+        if (!grow)
+            return NULL;
+        Py_ssize_t n = self->nslots ? self->nslots : 64;
+        while (n <= fd)
+            n *= 2;
+        Slot *slots = PyMem_Realloc(self->slots, (size_t)n * sizeof(Slot));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memset(slots + self->nslots, 0, (size_t)(n - self->nslots) * sizeof(Slot));
+        self->slots = slots;
+        self->nslots = n;
+    }
+    return &self->slots[fd];
+}
+
+PyDoc_STRVAR(arm_doc,
+"arm(fd, upto, frames, first, count, end, seg, clean, srtt, last_tx)\n\n"
+"Answer the lock-step ACKs of the transfer on ``fd`` from now on: block ``upto`` (a sequence\n"
+"number) is the newest sent and the only one in flight; ``frames`` holds the DATA frames of\n"
+"blocks ``first..first+count-1`` in its first ``end`` bytes, ``seg`` bytes each.  ``clean``,\n"
+"``srtt`` (None: no sample yet) and ``last_tx`` are the Sender's RTT state.");
+
+static PyObject *Lane_arm(Lane *self, PyObject *args) {
+    int fd, clean;
+    long long upto, first, count;
+    Py_ssize_t end, seg;
+    PyObject *frames, *srtt_obj;
+    double last_tx;
+    if (!PyArg_ParseTuple(args, "iLOLLnnpOd", &fd, &upto, &frames, &first, &count, &end, &seg,
+                          &clean, &srtt_obj, &last_tx))
+        return NULL;
+    double srtt = -1.0;
+    if (srtt_obj != Py_None) {
+        srtt = PyFloat_AsDouble(srtt_obj);
+        if (srtt == -1.0 && PyErr_Occurred())
+            return NULL;
+    }
+    if (upto < 0 || first < 0 || count < 0 || seg < 5 || end < 0 || upto >= LLONG_MAX / 2
+            || count > PY_SSIZE_T_MAX / seg) {
+        PyErr_SetString(PyExc_ValueError, "arm: negative or impossible block numbers or sizes");
+        return NULL;
+    }
+    Slot *s = slot_for(self, fd, 1);
+    if (s == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "arm: bad file descriptor");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(frames, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (end > view.len || (count > 0 && end <= (count - 1) * seg) || end > count * seg) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "arm: frames do not match first/count/end/seg");
+        return NULL;
+    }
+    slot_release(self, s);
+    if (self->narmed + 1 > self->cap_pending) {  /* room to keep one datagram per armed slot */
+        int cap = self->cap_pending ? 2 * self->cap_pending : 64;
+        int *pending = PyMem_Realloc(self->pending, (size_t)cap * sizeof(int));
+        if (pending == NULL) {
+            PyBuffer_Release(&view);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        self->pending = pending;
+        self->cap_pending = cap;
+    }
+    self->narmed++;
+    s->frames = view;
+    s->armed = 1;
+    s->clean = clean;
+    s->upto = upto;
+    s->first = first;
+    s->count = count;
+    s->end = end;
+    s->seg = seg;
+    s->srtt = srtt;
+    s->last_tx = last_tx;
+    s->sent = 0;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(disarm_doc,
+"disarm(fd) -> (upto, last_tx, srtt, sent, held) or None\n\n"
+"Take the transfer on ``fd`` back (None: it was not armed).  ``upto``: the newest block sent\n"
+"now, ``sent`` of them by the lane, the last at ``last_tx``; ``srtt``: None or seconds;\n"
+"``held``: the datagram the lane read but did not answer (bytes), the errno of a recv or\n"
+"send that failed (int), or None.");
+
+static PyObject *Lane_disarm(Lane *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    Slot *s = slot_for(self, fd, 0);
+    if (s == NULL || !s->armed)
+        Py_RETURN_NONE;
+    PyObject *held = s->held ? s->held : Py_None;
+    PyObject *srtt = s->srtt < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(s->srtt);
+    if (srtt == NULL)
+        return NULL;
+    PyObject *result = Py_BuildValue("(LdNLO)", s->upto, s->last_tx, srtt, s->sent, held);
+    if (result == NULL)
+        return NULL;
+    slot_release(self, s);
+    return result;
+}
+
+/* Keep what the lane read but will not answer (without the GIL: plain malloc).  The list has
+ * room: arm() grows it to the number of armed slots, and only an armed slot keeps. */
+static void keep(Lane *self, int fd, Slot *s, const unsigned char *data, ssize_t n, int err) {
+    if (!s->pending) {
+        s->pending = 1;
+        self->pending[self->npending++] = fd;
+    }
+    if (err) {
+        s->kept_errno = err;
+        return;
+    }
+    s->kept = malloc(n > 0 ? (size_t)n : 1);
+    if (s->kept == NULL) {
+        s->kept_errno = ENOMEM;  /* reported as the transfer's end, never dropped silently */
+        return;
+    }
+    memcpy(s->kept, data, (size_t)n);
+    s->kept_len = n;
+}
+
+/* One readable event of an armed transfer, without the GIL: 1 if the lane answered it
+ * (nothing for the pump to do), 0 if it kept a datagram or an errno in the slot. */
+static int answer(Lane *self, int fd, Slot *s) {
+    ssize_t n = recv(fd, self->buf, RECV_SIZE, MSG_DONTWAIT);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 1;  /* nothing queued after all: epoll reports it again if it comes */
+        keep(self, fd, s, NULL, 0, errno);
+        return 0;
+    }
+    const unsigned char *b = self->buf;
+    if (n >= 4 && b[0] == 0 && b[1] == OP_ACK
+            && (((unsigned)b[2] << 8) | b[3]) == (unsigned)(s->upto & 0xFFFF)) {
+        long long i = s->upto + 1 - s->first;
+        if (i >= 0 && i < s->count) {
+            Py_ssize_t o = (Py_ssize_t)i * s->seg;
+            if (o + s->seg <= s->end) {  /* a full frame: not the file's short last one */
+                ssize_t r = send(fd, (const char *)s->frames.buf + o, (size_t)s->seg,
+                                 MSG_DONTWAIT);
+                if (r >= 0 || errno == ENOBUFS) {
+                    /* ENOBUFS: dropped on the way out, like a lost packet; the timer
+                     * recovers it (the pump's rule too). */
+                    double now = monotonic();
+                    if (s->clean) {
+                        double sample = now - s->last_tx;
+                        s->srtt = s->srtt < 0 ? sample : 0.875 * s->srtt + 0.125 * sample;
+                    }
+                    s->clean = 1;
+                    s->upto += 1;
+                    s->last_tx = now;
+                    s->sent += 1;
+                    self->datagrams += 1;
+                    return 1;
+                }
+                if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                    keep(self, fd, s, NULL, 0, errno);  /* the client is gone */
+                    return 0;
+                }
+                /* The socket is full: the pump answers the ACK again and waits to write. */
+            }
+        }
+    }
+    keep(self, fd, s, b, n, 0);
+    return 0;
+}
+
+/* Append (fd, ev) to ``out``, making what the slot kept a Python object first. */
+static int report(PyObject *out, Slot *s, int fd, uint32_t ev) {
+    if (s != NULL && s->held == NULL && (s->kept != NULL || s->kept_errno)) {
+        s->held = s->kept != NULL
+            ? PyBytes_FromStringAndSize((const char *)s->kept, s->kept_len)
+            : PyLong_FromLong(s->kept_errno);
+        free(s->kept);
+        s->kept = NULL;
+        s->kept_errno = 0;
+        if (s->held == NULL)
+            return -1;
+    }
+    PyObject *item = Py_BuildValue("(iI)", fd, (unsigned int)ev);
+    if (item == NULL || PyList_Append(out, item) < 0) {
+        Py_XDECREF(item);
+        return -1;
+    }
+    Py_DECREF(item);
+    return 0;
+}
+
+PyDoc_STRVAR(poll_doc,
+"poll(timeout=0.0) -> [(fd, events), ...]\n\n"
+"One epoll_wait on the pump's epoll object (``timeout`` seconds, rounded up to milliseconds;\n"
+"negative: forever).  Readable armed transfers whose datagram is the expected ACK are\n"
+"answered here; every other event is returned as select.epoll.poll returns it, and\n"
+"``answered`` counts the answered ones.  The GIL is released for the wait and the answers,\n"
+"as select.epoll.poll and socket calls release it: the pump's read threads must get it\n"
+"while the pump is busy, or a transfer waits for its next chunk for the interpreter's whole\n"
+"switch interval (5 ms).");
+
+static PyObject *Lane_poll(Lane *self, PyObject *args) {
+    double timeout = 0.0;
+    if (!PyArg_ParseTuple(args, "|d", &timeout))
+        return NULL;
+    int ms;
+    if (timeout < 0)
+        ms = -1;
+    else if (timeout * 1000.0 > INT_MAX)
+        ms = INT_MAX;
+    else
+        ms = (int)ceil(timeout * 1000.0);
+    int n, err = 0, answered = 0;
+    Py_BEGIN_ALLOW_THREADS
+    n = epoll_wait(self->epfd, self->events, self->maxevents, ms);
+    if (n < 0)
+        err = errno;
+    for (int k = 0; k < n; k++) {
+        int fd = self->events[k].data.fd;
+        Slot *s = fd < self->nslots ? &self->slots[fd] : NULL;
+        if (s != NULL && s->armed && s->held == NULL && s->kept == NULL && !s->kept_errno
+                && self->events[k].events == EPOLLIN && answer(self, fd, s)) {
+            self->events[k].events = 0;  /* answered: not for the pump (epoll never gives 0) */
+            answered++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    self->answered = answered;
+    if (n < 0) {
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            return PyList_New(0);
+        }
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    unsigned long long gen = ++self->generation;
+    for (int k = 0; k < n; k++) {
+        uint32_t ev = self->events[k].events;
+        if (ev == 0)
+            continue;
+        int fd = self->events[k].data.fd;
+        Slot *s = fd < self->nslots ? &self->slots[fd] : NULL;
+        if (s != NULL)
+            s->reported = gen;
+        if (report(out, s, fd, ev) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < self->npending; i++) {  /* kept earlier, not taken back yet */
+        int fd = self->pending[i];
+        Slot *s = &self->slots[fd];
+        if (s->reported != gen) {
+            s->reported = gen;
+            if (report(out, s, fd, EPOLLIN) < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+    }
+    return out;
+}
+
+static PyObject *Lane_get_datagrams(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->datagrams);
+}
+
+static PyObject *Lane_get_answered(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLong(self->answered);
+}
+
+static PyObject *Lane_get_pending(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLong(self->npending);
+}
+
+static PyObject *Lane_armed(Lane *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    Slot *s = slot_for(self, fd, 0);
+    return PyBool_FromLong(s != NULL && s->armed);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"arm", (PyCFunction)Lane_arm, METH_VARARGS, arm_doc},
+    {"disarm", (PyCFunction)Lane_disarm, METH_VARARGS, disarm_doc},
+    {"poll", (PyCFunction)Lane_poll, METH_VARARGS, poll_doc},
+    {"armed", (PyCFunction)Lane_armed, METH_VARARGS, "armed(fd) -> whether fd is armed"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Lane_getset[] = {
+    {"datagrams", (getter)Lane_get_datagrams, NULL, "DATA datagrams the lane sent", NULL},
+    {"answered", (getter)Lane_get_answered, NULL, "events the last poll() answered", NULL},
+    {"pending", (getter)Lane_get_pending, NULL,
+     "descriptors holding a datagram or errno the pump has not taken back", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tftpd._lane.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The lock-step lane of one pump's epoll object (see the module's docstring).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lane_init,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_methods = Lane_methods,
+    .tp_getset = Lane_getset,
+};
+
+static struct PyModuleDef lane_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tftpd._lane",
+    .m_doc = "RFC 1350 lock-step ACKs answered outside the interpreter (see tftpd/pump.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__lane(void) {
+    if (PyType_Ready(&LaneType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&lane_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
