@@ -20,12 +20,10 @@ checksum offload on the route, a segment larger than the MTU) falls back to one 
 datagram for the rest of its transfer.
 
 Lock-step's common exchange -- the ACK of the newest block, and the next block goes out -- is
-answered by a compiled lane (tftpd/_lane.c) where it is built: the pump arms a transfer in it
-whenever the sender is in that state and the next block is in the current read-ahead chunk,
-and takes it back (:meth:`Pump._take_back`, which folds what the lane did into the
-:class:`~tftpd.sender.Sender`) before it handles the transfer in any other way.  Without the
-module, or with ``compiled_lane=False``, :meth:`Pump._event` answers the same exchange in
-Python.
+answered by a compiled lane (tftpd/_lane.c, handed over by tftpd/lane.py) where it is built:
+the pump arms a transfer in it whenever it can, and takes it back before it handles the
+transfer in any other way.  Without the module, or with ``compiled_lane=False``,
+:meth:`Pump._event` answers the same exchange in Python.
 """
 
 from __future__ import annotations
@@ -47,15 +45,10 @@ from collections.abc import Callable
 
 import trio
 
-from . import packets
+from . import lane, packets
 from .blocks import BlockSource
 from .packets import MalformedPacket
 from .sender import Sender
-
-try:
-    from ._lane import Lane as _CompiledLane
-except ImportError:  # not built (no compiler at install): the Python lane answers every ACK
-    _CompiledLane = None
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +188,8 @@ class Pump:
         self._ep = select.epoll()
         #: The compiled lock-step lane on this epoll object, if built and wanted; every
         #: wait of the pump then goes through it (:meth:`_poll`).
-        self._lane = (_CompiledLane(self._ep.fileno(), 512)
-                      if compiled_lane and _CompiledLane is not None else None)
+        self._lane = (lane.CompiledLane(self._ep.fileno(), 512)
+                      if compiled_lane and lane.AVAILABLE else None)
         self._poll: Callable[[float], list[tuple[int, int]]] = (
             self._lane.poll if self._lane is not None
             else functools.partial(self._ep.poll, maxevents=512))
@@ -224,8 +217,9 @@ class Pump:
         self._spin = spin_seconds
         self._spin_max = spin_max_sessions
         self._active = active
-        #: Passes that found ready sockets, DATA datagrams sent, ``sendmsg`` calls that carried
-        #: several of them (UDP GSO): for tests and the curious.
+        #: Passes that found ready sockets (or ACKs the compiled lane answered), DATA
+        #: datagrams sent, ``sendmsg`` calls that carried several of them (UDP GSO): for
+        #: tests and the curious.
         self.wakeups = 0
         self._datagrams = 0
         self.gso_sends = 0
@@ -369,7 +363,8 @@ class Pump:
 
     def _detach(self, t: Transfer) -> None:
         if t.laned:  # the sender's counts must be whole for the owner's on_end
-            self._take_back(t)
+            assert self._lane is not None
+            self._lane.take_back(t)
         t.source.on_ready = None
         if self._by_fd.get(t.fd) is t:
             del self._by_fd[t.fd]
@@ -505,9 +500,8 @@ class Pump:
             worked = True
         if events is None:
             events = self._poll(0)
-            if self._answered():
-                worked = True
-        if not events and self._spin and self._by_fd and self._spin_pays():
+        if (not events and not self._answered() and self._spin and self._by_fd
+                and self._spin_pays()):
             # Few transfers, a CPU to spare and ACKs that come back within microseconds: one
             # is cheaper to catch by polling than through a sleep and a scheduler round trip.
             clock = time.perf_counter
@@ -515,11 +509,14 @@ class Pump:
             while not events and clock() < spin_until:
                 events = self._poll(0)
                 if self._answered():
-                    worked = True
                     break
             now = clock()
-        if events:
+        # What the poll behind ``events`` found (this pass's, or the wait's that gave them):
+        # events for the pump, or ACKs the compiled lane answered itself.
+        if events or self._answered():
             self.wakeups += 1
+            worked = True
+        if events:
             by_fd = self._by_fd
             event = self._event if self._lane is None else self._lane_event
             ready: list[Callable[[], object]] = []
@@ -538,7 +535,6 @@ class Pump:
                     cb()
                 except Exception:
                     log.exception("pump: callback for a watched socket failed")
-            worked = True
         timers = self._timers
         if timers and timers[0][0] <= now:
             while timers and timers[0][0] <= now:
@@ -574,7 +570,8 @@ class Pump:
         """Run one handler for ``t``; whatever it raises ends that transfer only."""
         try:
             if t.laned:
-                held = self._take_back(t)
+                assert self._lane is not None
+                held = self._lane.take_back(t)
                 if held is not None:  # read by the lane: handled before anything else
                     self._held(t, now, held)
                     if t.finished:
@@ -588,44 +585,13 @@ class Pump:
         elif not t.finished:
             self._schedule(t)
             if self._lane is not None and t.lockstep:
-                self._arm(t)
+                self._lane.arm(t)
 
     # -- the compiled lane -------------------------------------------------------------------
 
     def _answered(self) -> bool:
         """The last :meth:`_poll` answered ACKs in the compiled lane (work done, no events)."""
         return self._lane is not None and self._lane.answered > 0
-
-    def _arm(self, t: Transfer) -> None:
-        """Hand ``t``'s next lock-step ACKs to the compiled lane, if the sender is in the
-        state the lane answers (one block in flight, nothing due) and the next block is in
-        the current read-ahead chunk; otherwise the pump keeps it."""
-        assert self._lane is not None
-        if t.finished or t.want_write or t.laned:
-            return
-        state = t.sender.lane_state()
-        if state is None:
-            return
-        upto, clean, srtt, last_tx = state
-        frames, first, count, end = t.source.current()
-        if not first <= upto + 1 < first + count:
-            return  # the next block is in a chunk not current yet: poll() gets it
-        self._lane.arm(t.fd, upto, frames, first, count, end, t.seg, clean, srtt, last_tx)
-        t.laned = True
-
-    def _take_back(self, t: Transfer) -> bytes | int | None:
-        """Take ``t`` out of the compiled lane and fold what it sent into the sender; returns
-        what the lane read but did not answer (a datagram, or the errno of a failed recv or
-        send), for the pump to handle now."""
-        assert self._lane is not None
-        t.laned = False
-        state = self._lane.disarm(t.fd)
-        if state is None:
-            return None
-        upto, last_tx, srtt, sent, held = state
-        if sent:
-            t.sender.acked_and_sent(upto, last_tx, srtt)
-        return held
 
     def _held(self, t: Transfer, now: float, held: bytes | int) -> None:
         """What the lane read but left: a datagram goes the general way (:meth:`_datagram`);
@@ -637,9 +603,10 @@ class Pump:
     def _lane_event(self, t: Transfer, now: float, ev: int) -> None:
         """:meth:`_event` for a pump with a compiled lane: the transfer is taken back first
         (with what the lane read of this event), handled, and armed again if it can be."""
+        assert self._lane is not None
         if t.laned:
             try:
-                held = self._take_back(t)
+                held = self._lane.take_back(t)
                 if held is not None:
                     self._held(t, now, held)
                     ev = 0  # the event is spent
@@ -649,7 +616,7 @@ class Pump:
         if ev:
             self._event(t, now, ev)
         if t.lockstep and not t.finished:
-            self._arm(t)
+            self._lane.arm(t)
 
     def _fail(self, t: Transfer, exc: Exception) -> None:
         """End ``t`` with ``exc``, raised by one of its handlers: the one place that decides

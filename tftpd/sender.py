@@ -215,14 +215,18 @@ class Sender:
             return False
         if self._window_clean:
             self._rtt_sample(now)
-        seq = upto + 1
+        self._in_flight_alone(upto + 1, now)
+        return True
+
+    def _in_flight_alone(self, seq: int, now: float) -> None:
+        """Block ``seq`` went out at ``now`` after the ACK of the one before: it is the only
+        one in flight (what :meth:`ack_send` and :meth:`acked_and_sent` leave)."""
         self.base = self.sent_upto = seq
         self.resend_from = seq + 1
         self._tries = 0
         self._window_clean = True
         self._window_sent_at = self._last_tx = now
         self.deadline = now + self.rto
-        return True
 
     def lane_state(self) -> tuple[int, bool, float | None, float] | None:
         """What a lock-step lane outside this class needs to answer the next ACKs itself
@@ -241,12 +245,7 @@ class Sender:
         estimate, folded the same way)."""
         if self.lane_state() is None or upto <= self.sent_upto:
             raise ValueError(f"blocks up to {upto} cannot have been sent from here")
-        self.base = self.sent_upto = upto
-        self.resend_from = upto + 1
-        self._tries = 0
-        self._window_clean = True
-        self._window_sent_at = self._last_tx = last_tx
-        self.deadline = last_tx + self.rto
+        self._in_flight_alone(upto, last_tx)
         self.srtt = srtt
 
     def sent_final(self, seq: int) -> None:
