@@ -10,11 +10,13 @@
  * back into the Sender when the pump takes the transfer back ("disarm"), exactly as if
  * Sender.ack_send had been called for every ACK it answered.
  *
- * Lane(epfd).poll(timeout) waits on the pump's epoll object (the GIL released while it
- * blocks), answers what it can and returns the other events as select.epoll.poll would.  An
- * event of an armed transfer that the lane read but did not answer keeps its datagram (or the
- * errno of the failed recv or send) in the transfer's slot; disarm() returns it, and the pump
- * handles it as if it had read it itself.
+ * Lane(epfd).poll(timeout) waits on the pump's epoll object, answers what it can and returns
+ * the other events as select.epoll.poll would.  The GIL is released for the wait and the
+ * answers, as select.epoll and socket calls release it: the pump's read threads need it while
+ * the pump is busy.  An event of an armed transfer that the lane read but did not answer keeps
+ * its datagram (or the errno of the failed recv or send) in the transfer's slot; every poll()
+ * reports that transfer again until disarm() returns what it kept, and the pump handles it as
+ * if it had read it itself.  A Lane belongs to one thread (the pump's).
  *
  * An armed slot holds a buffer export of the frame buffer it was given: the pump disarms a
  * transfer before anything can recycle or drop that buffer (every chunk change happens in the
@@ -26,11 +28,11 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
-#include <stdlib.h>
 
 #define RECV_SIZE 2048
 #define OP_ACK 4
