@@ -115,13 +115,17 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
     see what the compiled lane is worth in the same run.
     """
     served = root / "127.0.0.1"
+
+    def vfsroot(port: int, *extra: str) -> tuple[int, list[str]]:
+        return port, [sys.executable, "-m", "tftpd.cli", "--root", str(root),
+                      "--listen", f"127.0.0.1:{port}", "--blksize-max", "65464",
+                      "--max-sessions", str(4 * max_clients),
+                      "--max-sessions-per-ip", str(2 * max_clients),
+                      *(["--workers", str(workers)] if workers else []),
+                      "--log-level", "WARNING", *extra]
+
     specs = {
-        "vfsroot": (6901, [sys.executable, "-m", "tftpd.cli", "--root", str(root),
-                           "--listen", "127.0.0.1:6901", "--blksize-max", "65464",
-                           "--max-sessions", str(4 * max_clients),
-                           "--max-sessions-per-ip", str(2 * max_clients),
-                           *(["--workers", str(workers)] if workers else []),
-                           "--log-level", "WARNING"]),
+        "vfsroot": vfsroot(6901),
         "tftpd-hpa": (6902, [str(bins["tftpd-hpa"]), "-L", "-a", "127.0.0.1:6902", "-s",
                              "-u", "root", "-B", "65464", str(served)]),
         "atftpd": (6903, [str(bins["atftpd"]), "--daemon", "--no-fork", "--port", "6903",
@@ -135,8 +139,7 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                          "--quiet-tftp", f"--pid-file={logdir / 'dnsmasq.pid'}"]),
     }
     if python_lane:
-        specs["vfsroot-py"] = (6904, [*specs["vfsroot"][1], "--python-lane"])
-        specs["vfsroot-py"][1][specs["vfsroot-py"][1].index("127.0.0.1:6901")] = "127.0.0.1:6904"
+        specs["vfsroot-py"] = vfsroot(6904, "--python-lane")
     running = []
     for name, (port, cmd) in specs.items():
         log = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the server)
