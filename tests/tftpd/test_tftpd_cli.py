@@ -105,6 +105,27 @@ async def test_the_lock_step_lane_is_compiled_unless_asked_for_python(
         cli.proc.kill()
 
 
+async def test_a_missing_compiled_lane_is_warned_about_and_python_serves(
+        tree: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An install without a compiler has no tftpd._lane: the server says so once and the
+    Python lane serves lock-step transfers."""
+    from tftpd import lane
+
+    monkeypatch.setattr(lane, "AVAILABLE", False)
+    caplog.set_level(logging.INFO, logger="tftpd.server")
+    server = TftpServer(ServerConfig(root=tree, listen=(server_mod.ListenSpec(
+        "127.0.0.1", 0, socket.AF_INET),), policy=FAST, grace=1.0))
+    async with trio.open_nursery() as nursery:
+        addrs = await nursery.start(server.run)
+        res = await fetch(addrs[0], "1m.bin", blksize=1428, bind=CLIENT_A)
+        assert res.sha256 == file_sha256(tree / CLIENT_A / "1m.bin")
+        assert server.pump is not None and not server.pump.compiled_lane
+        nursery.cancel_scope.cancel()
+    warned = [r for r in caplog.records if "compiled lock-step lane" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert any("lane=python" in r.getMessage() for r in caplog.records)
+
+
 async def test_sigterm_lets_a_running_transfer_finish(tree: Path) -> None:
     cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0", "--retransmit", "5",
                            "--grace", "10"])
