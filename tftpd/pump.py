@@ -569,13 +569,8 @@ class Pump:
     def _step(self, t: Transfer, now: float, action: Callable[[Transfer, float], None]) -> None:
         """Run one handler for ``t``; whatever it raises ends that transfer only."""
         try:
-            if t.laned:
-                assert self._lane is not None
-                held = self._lane.take_back(t)
-                if held is not None:  # read by the lane: handled before anything else
-                    self._held(t, now, held)
-                    if t.finished:
-                        return
+            if t.laned and self._take_back(t, now) and t.finished:
+                return
             action(t, now)
         except Exception as exc:
             self._fail(t, exc)
@@ -593,12 +588,19 @@ class Pump:
         """The last :meth:`_poll` answered ACKs in the compiled lane (work done, no events)."""
         return self._lane is not None and self._lane.answered > 0
 
-    def _held(self, t: Transfer, now: float, held: bytes | int) -> None:
-        """What the lane read but left: a datagram goes the general way (:meth:`_datagram`);
-        an errno means the client's port is gone, as a failed ``recv`` or ``send`` here."""
+    def _take_back(self, t: Transfer, now: float) -> bool:
+        """Take ``t`` out of the compiled lane and handle what the lane read of it but left
+        (before anything else happens to ``t``); True if there was such a datagram.  It goes
+        the general way (:meth:`_datagram`); an errno means the client's port is gone, as a
+        failed ``recv`` or ``send`` here."""
+        assert self._lane is not None
+        held = self._lane.take_back(t)
+        if held is None:
+            return False
         if isinstance(held, int):
             raise PeerGone(os.strerror(held))
         self._datagram(t, now, _EPOLLIN, held)
+        return True
 
     def _lane_event(self, t: Transfer, now: float, ev: int) -> None:
         """:meth:`_event` for a pump with a compiled lane: the transfer is taken back first
@@ -606,10 +608,8 @@ class Pump:
         assert self._lane is not None
         if t.laned:
             try:
-                held = self._lane.take_back(t)
-                if held is not None:
-                    self._held(t, now, held)
-                    ev = 0  # the event is spent
+                if self._take_back(t, now):
+                    ev = 0  # the event is spent: the lane had read its datagram
             except Exception as exc:
                 self._fail(t, exc)
                 return
