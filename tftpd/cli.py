@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, time running transfers get to finish")
     p.add_argument("--follow-outside-symlinks", action="store_true",
                    help="serve symlinks that point outside the client's directory")
+    p.add_argument("--no-inline-open", action="store_true",
+                   help="open every file in the helper process, even a cached one on a local "
+                        "filesystem that could be opened without waiting (default: inline "
+                        "where it cannot wait)")
     p.add_argument("--workers", type=_bounded(1, 64), default=None,
                    help="server processes sharing the listen address (SO_REUSEPORT); limits "
                         "apply per worker (default: one per CPU; 1 with --listen systemd)")
@@ -152,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         root=args.root, flat=args.flat, listen=tuple(listen), family=args.family or "any",
         inherited_fds=fds, port_range=args.port_range, max_sessions=args.max_sessions,
         max_sessions_per_ip=args.max_sessions_per_ip, read_threads=args.read_threads,
-        grace=args.grace, follow_outside_symlinks=args.follow_outside_symlinks, policy=policy,
+        grace=args.grace, follow_outside_symlinks=args.follow_outside_symlinks,
+        inline_open=not args.no_inline_open, policy=policy,
     )
 
 

@@ -79,13 +79,13 @@ class ClientRoots:
 
     def directory_for(self, client_ip: str) -> Path:
         """The directory ``client_ip`` is served from (it need not exist)."""
-        return Path(self._directory(client_ip))
+        return Path(self.directory_text(client_ip))
 
     @functools.cached_property
     def _root_text(self) -> str:
         return os.fspath(self.root)
 
-    def _directory(self, client_ip: str) -> str:
+    def directory_text(self, client_ip: str) -> str:
         """:meth:`directory_for` as text, the form every request uses (a ``Path`` built and
         turned back into text per request cost more than the inside-check's system calls)."""
         if self.flat:
@@ -94,7 +94,7 @@ class ClientRoots:
 
     def path_of(self, client_ip: str, relpath: str) -> str:
         """The path :meth:`open` opens for ``client_ip`` and ``relpath`` (normalised)."""
-        return f"{self._directory(client_ip)}/{relpath}"
+        return f"{self.directory_text(client_ip)}/{relpath}"
 
     def open(self, client_ip: str, relpath: str) -> OpenedFile:
         """Open ``relpath`` (already normalised by :mod:`tftpd.paths`) for ``client_ip``.
@@ -103,7 +103,7 @@ class ClientRoots:
         OpenRefused with the TFTP error code to send: 1 for a missing file (clients probe many
         names), 2 for everything the client may not read.
         """
-        base = self._directory(client_ip)
+        base = self.directory_text(client_ip)
         full = f"{base}/{relpath}"  # relpath: relative, normalised (tftpd/paths.py)
         try:
             # O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer forever.

@@ -34,6 +34,7 @@ from vfsroot.defaults import DEFAULT_MOUNT
 
 from . import packets
 from .handoff import Handoff, PassedPorts, PassedRequest
+from .inline_open import InlineOpener
 from .limits import BUSY, PER_IP, SessionLimits
 from .opener import OpenerPool
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
@@ -123,6 +124,9 @@ class ServerConfig:
     read_threads: int = 16
     grace: float = 10.0
     follow_outside_symlinks: bool = False
+    #: Open a file on the event loop where nothing in the open can wait (tftpd/inline_open.py);
+    #: off: every open goes to the helper process.
+    inline_open: bool = True
     policy: TransferPolicy = field(default_factory=TransferPolicy)
     #: ERROR replies sent from a listen socket per second (malformed/busy), burst twice that.
     error_replies_per_second: float = 50.0
@@ -152,6 +156,8 @@ class ServerStats:
     duplicate_requests: int = 0
     #: Requests admitted here and passed to a worker with fewer transfers (--workers).
     handed_off: int = 0
+    #: Files opened on the event loop (tftpd/inline_open.py) rather than by the helper.
+    opened_inline: int = 0
     malformed: int = 0
     stray_datagrams: int = 0
     bytes_sent: int = 0
@@ -449,9 +455,10 @@ class TftpServer:
                         "ACKs are answered in Python, which costs more CPU in a boot storm; "
                         "reinstall with gcc and python3-dev present")
         self.opener = opener = OpenerPool(self._roots, self._limiter, watcher=pump)
+        inline = self._inline_opener()
         ctx = SessionContext(
             roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
-            active=lambda: self.stats.active, opener=opener,
+            active=lambda: self.stats.active, opener=opener, inline=inline,
         )
         buckets = _TokenBucket(self.config.error_replies_per_second)
         self._listening = [(s, s.getsockname()[0]) for s in raw]
@@ -504,6 +511,8 @@ class TftpServer:
                 pump.unwatch(handoff.inbox.fileno())
             pump.close()
             opener.close()
+            if inline is not None:
+                inline.close()
         counters = " ".join(f"{k}={v}" for k, v in self.stats.as_dict().items())
         log.info("stopped%s stats=%s",
                  f" worker={self.config.worker}" if self.config.worker else "", counters)
@@ -777,8 +786,22 @@ class TftpServer:
         for session in list(self._active.values()):
             session.abort()
 
+    def _inline_opener(self) -> InlineOpener | None:
+        """The inline open (tftpd/inline_open.py), unless switched off or the kernel lacks
+        what it needs (then every open goes to the helper, as with it switched off)."""
+        if not self.config.inline_open:
+            return None
+        try:
+            return InlineOpener(self._roots)
+        except OSError as exc:
+            log.info("inline open unavailable (%s): every file is opened by the helper "
+                     "process", exc.strerror or exc)
+            return None
+
     def _account(self, res: SessionResult) -> None:
         st = self.stats
+        if res.opened_inline:
+            st.opened_inline += 1
         counter = _outcome_counter(res.outcome)
         setattr(st, counter, getattr(st, counter) + 1)
         st.bytes_sent += res.bytes_sent

@@ -32,6 +32,7 @@ from vfsroot.fileio import read_whole
 
 from . import netascii, offload, packets
 from .blocks import BlockSource, FileHandle, chunk_size
+from .inline_open import InlineOpener
 from .opener import OpenerPool, OpenerUnavailable
 from .options import Negotiated, TransferPolicy, negotiate
 from .packets import (
@@ -74,6 +75,8 @@ class SessionResult:
     ignored_acks: int = 0
     seconds: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
+    #: The file was opened on the event loop (tftpd/inline_open.py), not by the helper.
+    opened_inline: bool = False
 
 
 @dataclass
@@ -91,6 +94,9 @@ class SessionContext:
     spawn: Callable[..., object] | None = None
     #: Opens request files in a helper process; None: in worker threads.
     opener: OpenerPool | None = None
+    #: Opens what needs no waiting on the event loop, before the helper is asked
+    #: (tftpd/inline_open.py); None: always the helper.
+    inline: InlineOpener | None = None
 
 
 class Session:
@@ -98,12 +104,13 @@ class Session:
 
     :meth:`start` serves it; ``on_end`` gets the :class:`SessionResult` exactly once, however
     it ends (done, refused, failed, shut down).  The common request runs without a task of its
-    own: its open goes to the helper process with a callback (:meth:`OpenerPool.submit`), and
-    the reply starts the transfer (OACK and DATA) in the pump (:meth:`Pump.start`), whose end
-    is another callback.  For a small config file the two task switches a session task made
-    at each of those waits were a large share of the whole request.  What has to wait in
-    between -- the netascii size of a large file, an open while the helper cannot take it --
-    continues in a task in the server's session nursery.
+    own: its file is opened right here where nothing in the open can wait (a cached name on a
+    local filesystem, :class:`InlineOpener`), else by the helper process with a callback
+    (:meth:`OpenerPool.submit`); the open starts the transfer (OACK and DATA) in the pump
+    (:meth:`Pump.start`), whose end is another callback.  For a small config file the two
+    task switches a session task made at each of those waits were a large share of the whole
+    request.  What has to wait in between -- the netascii size of a large file, an open while
+    the helper cannot take it -- continues in a task in the server's session nursery.
     """
 
     def __init__(
@@ -151,14 +158,20 @@ class Session:
     # -- start and end ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Serve the request (see the class): refusals and the open's request right here,
-        the rest when the open's reply comes."""
+        """Serve the request (see the class): refusals, and the open when it needs no
+        waiting, right here; else the open's request here and the rest when its reply comes."""
         try:
             relpath = self._check()
             if relpath is None:
                 self._end(None)
                 return
             small = self._small()
+            inline = self._ctx.inline
+            opened = inline.open(self.result.client, relpath, small) if inline else None
+            if opened is not None:
+                self.result.opened_inline = True
+                self._serve(*opened)
+                return
             self._wanted = (relpath, small)
             opener = self._ctx.opener
             ident = (opener.submit(self.result.client, relpath, small, self._reply)
@@ -357,6 +370,11 @@ class Session:
         except Exception as exc:
             self._end(exc)
             return
+        self._serve(opened, whole)
+
+    def _serve(self, opened: OpenedFile, whole: bytes | None) -> None:
+        """Serve the opened file: the transfer starts in the pump now, or in a task when its
+        size takes reading the file."""
         try:
             self._adopt(opened, whole)
             size = self._size()

@@ -2,7 +2,9 @@
 
 The message format is tested as a pure function; the pool with real helper processes: what
 comes back for every kind of file, and what happens when a helper dies, hangs or cannot be
-started -- the server must keep serving in every case.
+started -- the server must keep serving in every case.  The servers here open nothing inline
+(``inline_open=False``): the test tree is on a local filesystem, where the inline open
+(tftpd/inline_open.py) would take every file before the helper is asked.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ async def test_helpers_that_cannot_run_leave_opens_to_threads(
     """A helper that exits with an error before its first answer (a broken installation):
     one warning, and that request and every later one open in a worker thread."""
     monkeypatch.setattr(opener_mod, "_BOOT", "import sys; sys.exit(3)  # {parent}")
-    async with running(tree) as (server, addr):
+    async with running(tree, inline_open=False) as (server, addr):
         for name in ("whoami", "secret-a", "whoami"):
             res = await fetch(addr, name, bind=CLIENT_A)
             assert res.sha256 == file_sha256(tree / CLIENT_A / name)
@@ -218,7 +220,7 @@ async def test_helpers_that_cannot_run_leave_opens_to_threads(
 
 
 async def test_server_keeps_serving_when_its_helper_dies(tree: Path) -> None:
-    async with running(tree) as (server, addr):
+    async with running(tree, inline_open=False) as (server, addr):
         res = await fetch(addr, "1m.bin", bind=CLIENT_A)
         assert res.sha256 == file_sha256(tree / CLIENT_A / "1m.bin")
         assert server.opener is not None and server.opener._helper is not None
@@ -233,7 +235,7 @@ async def test_without_helpers_opens_run_in_threads(
     """No interpreter to start helpers with (an embedding application): a warning, and the
     server opens files in worker threads as before."""
     monkeypatch.setattr(opener_mod.sys, "executable", "/nonexistent/python")
-    async with running(tree) as (server, addr):
+    async with running(tree, inline_open=False) as (server, addr):
         res = await fetch(addr, "secret-a", bind=CLIENT_A)
         assert res.sha256 == file_sha256(tree / CLIENT_A / "secret-a")
         res = await fetch(addr, "whoami", bind=CLIENT_A)
@@ -245,7 +247,7 @@ async def test_without_helpers_opens_run_in_threads(
 
 async def test_the_helper_ends_with_the_server(tree: Path) -> None:
     """No helper outlives its server: stopping closes its socket, and it is reaped."""
-    async with running(tree) as (server, addr):
+    async with running(tree, inline_open=False) as (server, addr):
         await fetch(addr, "whoami", bind=CLIENT_A)
         assert server.opener is not None and server.opener._helper is not None
         pid = server.opener._helper.proc.pid

@@ -62,7 +62,8 @@ async def test_stopping_ends_a_session_waiting_for_its_open(
     shutting down, the session is counted, and its read-thread token is given back."""
     monkeypatch.setattr(opener_mod, "_BOOT", STALLING)
     (tree / CLIENT_A / "stall").write_bytes(b"x" * 1000)
-    server = TftpServer(make_config(tree))
+    # (inline_open=False: on this local tree the file would be opened inline, not stall)
+    server = TftpServer(make_config(tree, inline_open=False))
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(server.run)
         with RawClient(addrs[0], CLIENT_A) as c:

@@ -1,0 +1,342 @@
+"""The inline open: files opened on the event loop where nothing in the open can wait.
+
+What must hold: it serves only regular files that the helper's :meth:`ClientRoots.open`
+serves too, with the same bytes (a property test over a tree full of hostile symlinks), and
+it steps aside -- returns None -- for everything else: refusals, special files, names that
+leave the client's directory or its mount, filesystems that can wait (FUSE, procfs).  The
+mount table is real (/proc/self/mountinfo, tmpfs and proc mounted by the test); the server
+tests count what was opened inline, over a local tree and over a real vfsroot FUSE mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tftpd.client import TftpError, fetch
+from tftpd.inline_open import InlineOpener
+from tftpd.mounts import BLOCK, KINDS, MEMORY, MountTable, parse_mountinfo
+from tftpd.roots import ClientRoots, OpenRefused
+
+from ..serving import serving
+from .conftest import CLIENT_A, CLIENT_B
+from .helpers import file_sha256, running
+
+A, B = CLIENT_A, CLIENT_B
+SMALL = 4096
+
+
+def _hostile_tree(root: Path, outside: Path) -> None:
+    """A's and B's directories, with symlinks of every kind in A's (as in
+    tests/security/test_tftp_paths.py)."""
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "host-secret").write_bytes(b"outside the root\n")
+    a, b = root / A, root / B
+    for d, ip in ((a, A), (b, B)):
+        (d / "sub").mkdir(parents=True)
+        (d / "whoami").write_bytes(ip.encode() + b"\n")
+        (d / "sub" / "inner").write_bytes(b"inner of " + ip.encode() + b"\n")
+    (b / "secret-b").write_bytes(b"B's secret\n")
+    (a / "big").write_bytes(os.urandom(3 * SMALL))
+    (a / "empty").write_bytes(b"")
+    (a / "link-ok").symlink_to("sub/inner")
+    (a / "sub" / "link-up-ok").symlink_to("../whoami")
+    (a / "link-abs-inside").symlink_to(a / "whoami")
+    (a / "link-b").symlink_to(f"../{B}/secret-b")
+    (a / "link-abs-b").symlink_to(b / "secret-b")
+    (a / "link-host").symlink_to(outside / "host-secret")
+    (a / "passwd").symlink_to("/etc/passwd")
+    (a / "dir-b").symlink_to(f"../{B}")
+    (a / "dir-up").symlink_to("..")
+    (a / "self-dir").symlink_to(".")
+    (a / "loop").symlink_to("loop")
+    (a / "dangling").symlink_to("nowhere")
+    os.mkfifo(a / "fifo")
+    os.mknod(a / "devzero", stat.S_IFCHR | 0o644, os.makedev(1, 5))
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("inline")
+    _hostile_tree(base / "root", base / "outside")
+    return base / "root"
+
+
+@pytest.fixture(scope="module")
+def inline(hostile: Path) -> Iterator[InlineOpener]:
+    opener = InlineOpener(ClientRoots(hostile))
+    yield opener
+    opener.close()
+
+
+@contextlib.contextmanager
+def mounted(fstype: str, where: Path) -> Iterator[Path]:
+    """``mount -t fstype`` at ``where`` for the block (the tests run as root, like the FUSE
+    tests); skipped where mounting is not allowed."""
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", fstype, "none", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount {fstype}: {r.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+# -- the mount table ------------------------------------------------------------------------
+
+
+def test_mountinfo_lines_give_id_and_type_past_the_optional_fields() -> None:
+    text = (
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        "30 25 0:27 / /dev/shm rw,relatime shared:5 master:2 - tmpfs tmpfs rw\n"
+        "61 27 0:50 / /run/vfsroot ro,nosuid shared:9 - fuse.vfsroot vfsroot ro\n"
+        "garbage line\n"
+        "x 1 0:1 / /a rw - ext4 /dev/x rw\n"
+        "\n"
+    )
+    assert parse_mountinfo(text) == {27: "ext4", 30: "tmpfs", 61: "fuse.vfsroot"}
+
+
+def test_only_local_filesystems_are_kinds() -> None:
+    assert KINDS["tmpfs"] == MEMORY and KINDS["ext4"] == BLOCK and KINDS["xfs"] == BLOCK
+    for waits in ("fuse", "fuse.vfsroot", "fuseblk", "nfs", "nfs4", "cifs", "smb3", "9p",
+                  "ceph", "virtiofs", "overlay", "proc", "sysfs", "autofs"):
+        assert waits not in KINDS
+
+
+def test_the_table_names_this_machines_mounts() -> None:
+    table = MountTable()
+    try:
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+            fd = os.open(shm, os.O_PATH | os.O_DIRECTORY)
+            try:
+                assert table.fstype(fd) == "tmpfs" and table.kind_of(fd) == MEMORY
+            finally:
+                os.close(fd)
+        fd = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY)
+        try:  # (procfs has no file handles: the kernel does not even name its mount)
+            assert table.fstype(fd) in ("proc", None) and table.kind_of(fd) is None
+        finally:
+            os.close(fd)
+    finally:
+        table.close()
+
+
+def test_a_mount_made_or_replaced_later_is_seen(tmp_path: Path) -> None:
+    """The table is read again when the mount table changes: a mount id freed by an unmount
+    and given to a mount of another type must not keep its old type."""
+    table = MountTable()
+    where = tmp_path / "m"
+    try:
+        with mounted("tmpfs", where):
+            fd = os.open(where, os.O_PATH | os.O_DIRECTORY)
+            assert table.fstype(fd) == "tmpfs"
+            first = table.mount_id(fd)
+            os.close(fd)
+        with mounted("cgroup2", where):
+            fd = os.open(where, os.O_PATH | os.O_DIRECTORY)
+            assert table.fstype(fd) == "cgroup2" and table.kind_of(fd) is None
+            assert table.mount_id(fd) is not None and first is not None
+            os.close(fd)
+    finally:
+        table.close()
+
+
+# -- the inline open ------------------------------------------------------------------------
+
+
+def test_a_small_cached_file_comes_back_whole(hostile: Path, inline: InlineOpener) -> None:
+    before = inline.opened
+    got = inline.open(A, "sub/inner", SMALL)
+    assert got is not None
+    opened, whole = got
+    st_ = os.stat(hostile / A / "sub" / "inner")
+    assert whole == (hostile / A / "sub" / "inner").read_bytes()
+    assert opened.fd == -1 and opened.size == st_.st_size and opened.mtime_ns == st_.st_mtime_ns
+    assert opened.path == f"{hostile}/{A}/sub/inner"
+    assert inline.opened == before + 1
+    empty = inline.open(A, "empty", SMALL)
+    assert empty is not None and empty[1] == b""
+
+
+def test_a_large_file_comes_back_open_and_blocking(hostile: Path, inline: InlineOpener) -> None:
+    got = inline.open(A, "big", SMALL)
+    assert got is not None
+    opened, whole = got
+    try:
+        assert whole is None and opened.fd >= 0 and opened.size == 3 * SMALL
+        assert os.get_blocking(opened.fd)
+        assert os.pread(opened.fd, opened.size + 1, 0) == (hostile / A / "big").read_bytes()
+    finally:
+        os.close(opened.fd)
+
+
+def test_a_file_not_in_the_page_cache_is_handed_on_open_not_read(tmp_path: Path) -> None:
+    """On a disk filesystem the read asks RWF_NOWAIT: a file whose pages were dropped comes
+    back as a descriptor, for the transfer's read-ahead to read in a worker thread."""
+    root = tmp_path / "root"
+    (root / A).mkdir(parents=True)
+    path = root / A / "cold"
+    path.write_bytes(os.urandom(SMALL // 2))
+    inline = InlineOpener(ClientRoots(root))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if inline._mounts.kind_of(fd) != BLOCK:
+            pytest.skip("the test directory is not on a disk filesystem")
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:
+        got = inline.open(A, "cold", SMALL)
+        assert got is not None
+        opened, whole = got
+        assert whole is None and opened.fd >= 0
+        assert os.pread(opened.fd, SMALL, 0) == path.read_bytes()
+        os.close(opened.fd)
+        warm = inline.open(A, "cold", SMALL)  # read above: cached now, so read whole
+        assert warm is not None and warm[1] == path.read_bytes()
+    finally:
+        inline.close()
+
+
+@pytest.mark.parametrize("name", [
+    "missing", "sub", "self-dir", "fifo", "devzero", "link-b", "link-abs-b", "link-host",
+    "passwd", "dir-b/secret-b", f"dir-up/{B}/secret-b", "loop", "dangling",
+    "link-abs-inside",  # inside, but absolute: left to the helper, which serves it
+])
+def test_everything_else_is_left_to_the_helper(inline: InlineOpener, name: str) -> None:
+    before = inline.opened
+    assert inline.open(A, name, SMALL) is None
+    assert inline.opened == before
+
+
+@pytest.mark.parametrize("name", [f"../{B}/secret-b", f"sub/../../{B}/secret-b",
+                                  "../../etc/passwd"])
+def test_even_a_name_with_dotdot_cannot_leave_the_directory(inline: InlineOpener,
+                                                             name: str) -> None:
+    """tftpd/paths.py refuses '..' before any open; the kernel's RESOLVE_BENEATH refuses it
+    here too, so this path is safe on its own."""
+    assert inline.open(A, name, SMALL) is None
+
+
+def test_a_file_across_a_mount_inside_the_directory_is_left_to_the_helper(
+        tmp_path: Path) -> None:
+    """RESOLVE_NO_XDEV: the mount checked is the directory's, so the file must be on it."""
+    root = tmp_path / "root"
+    (root / A).mkdir(parents=True)
+    inline = InlineOpener(ClientRoots(root))
+    try:
+        with mounted("tmpfs", root / A / "m"):
+            (root / A / "m" / "f").write_bytes(b"on another mount\n")
+            assert inline.open(A, "m/f", SMALL) is None
+            opened = ClientRoots(root).open(A, "m/f")  # the helper's open serves it
+            os.close(opened.fd)
+    finally:
+        inline.close()
+
+
+def test_a_directory_on_a_filesystem_that_may_wait_is_left_to_the_helper() -> None:
+    inline = InlineOpener(ClientRoots(Path("/proc"), flat=True))
+    try:
+        assert inline.open(A, "version", SMALL) is None
+        assert inline.opened == 0
+    finally:
+        inline.close()
+
+
+def test_a_client_address_that_names_no_directory_is_left_to_the_helper(
+        inline: InlineOpener) -> None:
+    assert inline.open("..", "whoami", SMALL) is None
+
+
+NAMES = ["whoami", "sub", "inner", "link-ok", "link-up-ok", "link-abs-inside", "link-b",
+         "link-abs-b", "link-host", "passwd", "dir-b", "dir-up", "self-dir", "loop",
+         "dangling", "fifo", "devzero", "big", "empty", "secret-b", A, B, ".", ".."]
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(parts=["..", B, "secret-b"], client=A)
+@example(parts=["dir-b", "secret-b"], client=A)
+@given(parts=st.lists(st.sampled_from(NAMES), min_size=1, max_size=4),
+       client=st.sampled_from([A, B]))
+def test_inline_serves_only_what_the_helper_serves_with_the_same_bytes(
+        hostile: Path, inline: InlineOpener, parts: list[str], client: str) -> None:
+    """Whether a symlink that stays inside is taken inline depends on the kernel's caches
+    (RESOLVE_CACHED answers EAGAIN when following it needs more than RCU lookup); what is
+    taken must be exactly what the helper serves."""
+    relpath = "/".join(parts)
+    got = inline.open(client, relpath, SMALL)
+    if got is None:
+        return
+    opened, whole = got
+    try:
+        ref = ClientRoots(hostile).open(client, relpath)
+    except OpenRefused as exc:  # pragma: no cover (the property's failure)
+        raise AssertionError(f"{client} {relpath!r} served inline, refused by the helper: "
+                             f"{exc}") from None
+    try:
+        expected = os.pread(ref.fd, ref.size + 1, 0)
+        data = whole if whole is not None else os.pread(opened.fd, opened.size + 1, 0)
+        assert data == expected and opened.size == ref.size
+    finally:
+        os.close(ref.fd)
+        if opened.fd >= 0:
+            os.close(opened.fd)
+
+
+# -- in the server -------------------------------------------------------------------------
+
+
+async def test_the_server_opens_a_local_tree_inline_and_counts_it(tree: Path) -> None:
+    async with running(tree) as (server, addr):
+        for name in ("whoami", "pxelinux.cfg/default", "1m.bin"):
+            res = await fetch(addr, name, bind=CLIENT_A)
+            assert res.sha256 == file_sha256(tree / CLIENT_A / name)
+        with pytest.raises(TftpError):
+            await fetch(addr, "no-such-file", bind=CLIENT_A)
+    assert server.stats.opened_inline == 3
+    assert server.stats.completed == 3 and server.stats.not_found == 1
+
+
+async def test_switched_off_every_open_goes_to_the_helper(tree: Path) -> None:
+    async with running(tree, inline_open=False) as (server, addr):
+        res = await fetch(addr, "whoami", bind=CLIENT_A)
+        assert res.size == len(CLIENT_A) + 1
+    assert server.stats.opened_inline == 0 and server.stats.completed == 1
+
+
+async def test_a_fuse_tree_is_never_opened_inline(tmp_path: Path) -> None:
+    """The vfsroot FUSE tree waits on disks: every file is opened by the helper."""
+    source = tmp_path / "source"
+    (source / "default").mkdir(parents=True)
+    (source / "default" / "pxelinux.0").write_bytes(os.urandom(20_000))
+    (source / CLIENT_A).mkdir()
+    (source / CLIENT_A / "whoami").write_text(CLIENT_A + "\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with serving(source, mnt, tmp_path / "serve.log"):
+        table = MountTable()
+        fd = os.open(mnt / CLIENT_A, os.O_PATH | os.O_DIRECTORY)
+        try:
+            assert (table.fstype(fd) or "").startswith("fuse") and table.kind_of(fd) is None
+        finally:
+            os.close(fd)
+            table.close()
+        async with running(mnt) as (server, addr):
+            res = await fetch(addr, "whoami", bind=CLIENT_A)
+            assert res.size == len(CLIENT_A) + 1
+            res = await fetch(addr, "pxelinux.0", bind=CLIENT_A)
+            assert res.sha256 == file_sha256(source / "default" / "pxelinux.0")
+        assert server.stats.completed == 2 and server.stats.opened_inline == 0
