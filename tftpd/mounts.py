@@ -83,6 +83,9 @@ class MountTable:
         self._poll = select.poll()
         self._poll.register(self._file.fileno(), select.POLLPRI)
         self._types: dict[int, str] = {}
+        #: Ids a fresh read did not list (a mount detached by ``umount -l`` is still reachable
+        #: from descriptors opened before): not read again for them until the table changes.
+        self._unlisted: set[int] = set()
         self._reload()
 
     def close(self) -> None:
@@ -95,6 +98,7 @@ class MountTable:
         while chunk := self._file.read(65536):
             chunks.append(chunk)
         self._types = parse_mountinfo(b"".join(chunks).decode("utf-8", "replace"))
+        self._unlisted.clear()
 
     def mount_id(self, fd: int) -> int | None:
         """The id of the mount ``fd`` is on (None: the kernel would not say)."""
@@ -110,8 +114,10 @@ class MountTable:
         mnt = self.mount_id(fd)
         if mnt is None:
             return None
-        if self._poll.poll(0) or mnt not in self._types:
+        if self._poll.poll(0) or (mnt not in self._types and mnt not in self._unlisted):
             self._reload()
+            if mnt not in self._types:
+                self._unlisted.add(mnt)
         return self._types.get(mnt)
 
     def kind_of(self, fd: int) -> str | None:

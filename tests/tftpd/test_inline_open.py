@@ -152,6 +152,28 @@ def test_a_mount_made_or_replaced_later_is_seen(tmp_path: Path) -> None:
         table.close()
 
 
+def test_an_id_the_table_does_not_list_is_not_read_for_again_and_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An id missing after a fresh read (a detached mount) costs one read, not one per
+    request; a change of the mount table clears that."""
+    listing = tmp_path / "mountinfo"
+    listing.write_text("1 0 0:1 / / rw - ext4 /dev/x rw\n")
+    table = MountTable(str(listing))  # a regular file: no POLLPRI, only our reads
+    reads = []
+    real = table._reload
+    monkeypatch.setattr(table, "_reload", lambda: (reads.append(1), real())[1])
+    fd = os.open("/dev/shm", os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert table.fstype(fd) is None and len(reads) == 1
+        assert table.fstype(fd) is None and table.kind_of(fd) is None and len(reads) == 1
+        listing.write_text(f"{table.mount_id(fd)} 0 0:1 / /dev/shm rw - tmpfs tmpfs rw\n")
+        real()  # what a POLLPRI would cause
+        assert table.kind_of(fd) == MEMORY and len(reads) == 1
+    finally:
+        os.close(fd)
+        table.close()
+
+
 # -- the inline open ------------------------------------------------------------------------
 
 
