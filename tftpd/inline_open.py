@@ -26,11 +26,16 @@ steps the kernel promises not to wait in:
    for.  A file not read whole here is handed on open, and the transfer's read-ahead reads
    it in worker threads like any large file.
 
-Anything else -- any error, a directory or special file, a symlink leaving the directory, a
-name not in the cache, a FUSE mount -- returns None, and the helper opens the file as always,
-and gives the client its refusal or error.  So this path serves only regular files that the
-helper would serve too, and never decides a refusal: the rules of what a client may read
-stay in one place (:meth:`ClientRoots.open`).
+One answer besides a file is given here: a name that does not exist (ENOENT, ENOTDIR) is
+refused as "file not found", with the helper's own words (:func:`tftpd.roots.open_refusal`).
+Under ``RESOLVE_CACHED`` that answer comes from a negative dentry on a local filesystem,
+which is authoritative, and firmware probes many missing names per boot (PXELINUX: the
+client's MAC and every prefix of its hex IP before ``default``).  Anything else -- any other
+error, a directory or special file, a symlink leaving the directory, a name not in the
+cache, a FUSE mount -- returns None, and the helper opens the file as always and gives the
+client its refusal or error.  So this path serves only regular files that the helper would
+serve too, and refuses only names the helper would find missing; what a client may read is
+decided in one place (:meth:`ClientRoots.open`).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import os
 import stat
 
 from .mounts import MEMORY, MountTable
-from .roots import ClientRoots, OpenedFile, OpenRefused
+from .roots import ClientRoots, OpenedFile, OpenRefused, open_refusal
 
 #: openat2(2)'s number: the same on every architecture (one table for new system calls).
 _SYS_OPENAT2 = 437
@@ -52,6 +57,10 @@ RESOLVE_BENEATH = 0x08
 RESOLVE_CACHED = 0x20
 #: How a request's name is resolved from the client's directory (step 3).
 CONFINED = RESOLVE_BENEATH | RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS | RESOLVE_CACHED
+
+#: Errors of the file's open that are the answer (the name is missing), not a reason to ask
+#: the helper.
+_MISSING = (errno.ENOENT, errno.ENOTDIR)
 
 _DIRECTORY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer (it is refused
@@ -76,11 +85,13 @@ class _Openat2:
         self._size = ctypes.sizeof(_OpenHow)
 
     def __call__(self, dirfd: int, path: str, flags: int, resolve: int) -> int:
+        raw = os.fsencode(path)
+        if b"\0" in raw:  # C would stop at it, opening a shorter name (os.open refuses too)
+            raise OSError(errno.EINVAL, "embedded NUL in path")
         how = self._how
         how.flags = flags
         how.resolve = resolve
-        fd = self._syscall(_SYS_OPENAT2, dirfd, os.fsencode(path), ctypes.byref(how),
-                           self._size)
+        fd = self._syscall(_SYS_OPENAT2, dirfd, raw, ctypes.byref(how), self._size)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
@@ -106,15 +117,17 @@ class InlineOpener:
         # Probe: ENOSYS before Linux 5.6, EINVAL for RESOLVE_CACHED before 5.12.
         os.close(self._openat2(_AT_FDCWD, "/", _DIRECTORY_FLAGS, RESOLVE_CACHED))
         self._mounts = mounts if mounts is not None else MountTable()
-        #: Files opened here (the rest went to the helper).
+        #: Files opened here, and missing names refused here (the rest went to the helper).
         self.opened = 0
+        self.refused = 0
 
     def close(self) -> None:
         self._mounts.close()
 
     def open(self, client: str, relpath: str, small: int) -> Opened | None:
         """``relpath`` (normalised, tftpd/paths.py) for ``client``, and its bytes when it is
-        at most ``small`` bytes long and cached; None: ask the helper."""
+        at most ``small`` bytes long and cached; None: ask the helper.  Raises
+        :class:`OpenRefused` ("file not found") for a name the kernel knows is missing."""
         try:
             base = self._roots.directory_text(client)
         except OpenRefused:
@@ -128,7 +141,10 @@ class InlineOpener:
             if kind is None:
                 return None
             fd = self._openat2(dir_fd, relpath, _FILE_FLAGS, CONFINED)
-        except OSError:
+        except OSError as exc:
+            if exc.errno in _MISSING:
+                self.refused += 1
+                raise open_refusal(exc) from None
             return None
         finally:
             os.close(dir_fd)

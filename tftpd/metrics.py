@@ -68,8 +68,9 @@ COUNTERS = {
                            "already running (not started twice)."),
     "handed_off": ("vfsroot_tftpd_handed_off_requests", "Requests admitted by one worker "
                    "process and passed to the one with the fewest transfers (--workers)."),
-    "opened_inline": ("vfsroot_tftpd_opened_inline_files", "Files opened on the event loop "
-                      "(a cached name on a local filesystem) rather than by the helper process."),
+    "opened_inline": ("vfsroot_tftpd_inline_opens", "Opens answered on the event loop (a "
+                      "cached name on a local filesystem: the file, or that it is missing) "
+                      "rather than by the helper process."),
     "malformed": ("vfsroot_tftpd_malformed_datagrams", "Datagrams on a listen socket that are "
                   "not valid TFTP requests."),
     "stray_datagrams": ("vfsroot_tftpd_stray_datagrams", "Valid TFTP packets that are not "

@@ -57,6 +57,27 @@ def _client_directory(root: str, client_ip: str) -> str:
     return os.path.join(root, name)
 
 
+#: The refusal for each errno an open of a request's name can fail with.
+_REFUSALS = {
+    errno.ENOENT: (1, "file not found"),
+    errno.ENOTDIR: (1, "file not found"),
+    errno.EISDIR: (2, "is a directory, not a file"),
+    errno.EACCES: (2, "permission denied"),
+    errno.EPERM: (2, "permission denied"),
+    errno.ENAMETOOLONG: (2, "invalid file name"),
+    errno.ELOOP: (2, "invalid file name"),
+}
+
+
+def open_refusal(exc: OSError) -> OpenRefused:
+    """What the client is told when the open of its file failed with ``exc``: 1 for a
+    missing file (clients probe many names), 2 for what it may not read, 0 with the
+    system's words otherwise.  Shared by :meth:`ClientRoots.open` and the inline open
+    (tftpd/inline_open.py), so a refusal reads the same whichever opened it."""
+    code, message = _REFUSALS.get(exc.errno or 0, (0, ""))
+    return OpenRefused(code, message or f"cannot open file: {os.strerror(exc.errno or 0)}")
+
+
 @dataclass(frozen=True)
 class OpenedFile:
     """An open regular file: the descriptor (owned by the caller) and its size at open time."""
@@ -108,18 +129,8 @@ class ClientRoots:
         try:
             # O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer forever.
             fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise OpenRefused(1, "file not found") from None
-        except NotADirectoryError:
-            raise OpenRefused(1, "file not found") from None
-        except IsADirectoryError:
-            raise OpenRefused(2, "is a directory, not a file") from None
-        except PermissionError:
-            raise OpenRefused(2, "permission denied") from None
         except OSError as exc:
-            if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
-                raise OpenRefused(2, "invalid file name") from None
-            raise OpenRefused(0, f"cannot open file: {os.strerror(exc.errno or 0)}") from None
+            raise open_refusal(exc) from None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):

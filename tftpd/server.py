@@ -156,7 +156,8 @@ class ServerStats:
     duplicate_requests: int = 0
     #: Requests admitted here and passed to a worker with fewer transfers (--workers).
     handed_off: int = 0
-    #: Files opened on the event loop (tftpd/inline_open.py) rather than by the helper.
+    #: Opens answered on the event loop (tftpd/inline_open.py: the file, or that it is
+    #: missing) rather than by the helper.
     opened_inline: int = 0
     malformed: int = 0
     stray_datagrams: int = 0

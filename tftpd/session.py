@@ -75,7 +75,8 @@ class SessionResult:
     ignored_acks: int = 0
     seconds: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
-    #: The file was opened on the event loop (tftpd/inline_open.py), not by the helper.
+    #: The open was answered on the event loop (tftpd/inline_open.py: the file, or that it is
+    #: missing), not by the helper.
     opened_inline: bool = False
 
 
@@ -167,7 +168,13 @@ class Session:
                 return
             small = self._small()
             inline = self._ctx.inline
-            opened = inline.open(self.result.client, relpath, small) if inline else None
+            try:
+                opened = inline.open(self.result.client, relpath, small) if inline else None
+            except OpenRefused as exc:  # a name the kernel knows is missing
+                self.result.opened_inline = True
+                self._refuse_open(exc)
+                self._end(None)
+                return
             if opened is not None:
                 self.result.opened_inline = True
                 self._serve(*opened)

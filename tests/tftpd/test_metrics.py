@@ -62,7 +62,7 @@ async def test_a_transfer_moves_the_counters_it_should(tree: Path) -> None:
         assert rest == {
             "vfsroot_tftpd_requests_total": 1,
             "vfsroot_tftpd_transfers_total{outcome=completed}": 1,
-            "vfsroot_tftpd_opened_inline_files_total": 1,  # (a local tree: tests/tftpd/conftest)
+            "vfsroot_tftpd_inline_opens_total": 1,  # (a local tree: tests/tftpd/conftest)
             "vfsroot_tftpd_sent_bytes_total": size,
             "vfsroot_tftpd_sent_blocks_total": size // BLKSIZE + 1,
             "vfsroot_tftpd_transfer_seconds_count": 1,
