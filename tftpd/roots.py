@@ -6,9 +6,12 @@ tftpd.  The client IP is normalised first (an IPv4 client on a dual-stack socket
 ``::ffff:a.b.c.d``; an IPv6 link-local peer carries a ``%scope``) so the directory name is the
 same dotted quad or compressed IPv6 form the FUSE tree uses.
 
-:func:`ClientRoots.open` runs in a worker thread (the FUSE tree can block on a disk) and is the
-only place a request path meets the filesystem: it refuses directories and anything whose real
-location is outside the client's directory (a symlink to another client's tree).
+:func:`ClientRoots.open` runs in the opener helper or a worker thread (the FUSE tree can block
+on a disk) and decides what a client may read: it refuses directories and anything whose real
+location is outside the client's directory (a symlink to another client's tree).  The one
+other place a request path meets the filesystem, the inline open (tftpd/inline_open.py),
+serves only files this would serve and refuses only names this finds missing, with the same
+words (:func:`open_refusal`).
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ message that says why, and the server must serve a normal request right after.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import pytest
 
+from tests.hostile_tree import DECOY, SECRET_B, make_hostile_tree
 from tests.tftpd.helpers import RawClient, running
 from tftpd import packets
 
@@ -22,39 +22,14 @@ FOUND = 0  # marker: the request must be served
 NOT_FOUND = packets.ERR_FILE_NOT_FOUND
 DENIED = packets.ERR_ACCESS_VIOLATION
 ILLEGAL = packets.ERR_ILLEGAL_OPERATION
-SECRET_B = b"B's secret: must never reach A\n"
-DECOY = b"A's own directory named like B\n"
 RAW_NAME = b"\xff\xfe-latin1.bin"
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "host-secret").write_bytes(b"host file outside the tftp root\n")
-    a, b = root / A, root / B
-    for d, ip in ((a, A), (b, B)):
-        (d / "sub").mkdir(parents=True)
-        (d / "whoami").write_bytes(ip.encode() + b"\n")
-        (d / "sub" / "inner").write_bytes(b"inner of " + ip.encode() + b"\n")
-    (b / "secret-b").write_bytes(SECRET_B)
-    (a / B).mkdir()
-    (a / B / "secret-b").write_bytes(DECOY)
-    (a / "link-ok").symlink_to("sub/inner")
-    (a / "link-b").symlink_to(f"../{B}/secret-b")
-    (a / "link-abs-b").symlink_to(b / "secret-b")
-    (a / "link-host").symlink_to(outside / "host-secret")
-    (a / "passwd").symlink_to("/etc/passwd")
-    (a / "hostdir").symlink_to("/etc")
-    (a / "dir-b").symlink_to(f"../{B}")
-    (a / "dir-up").symlink_to("..")
-    (a / "self-dir").symlink_to(".")
-    (a / "loop").symlink_to("loop")
-    (a / "dangling").symlink_to("nowhere")
-    os.mkfifo(a / "fifo")
-    os.mknod(a / "devzero", stat.S_IFCHR | 0o644, os.makedev(1, 5))
-    (a / os.fsdecode(RAW_NAME)).write_bytes(b"raw bytes name\n")
+    make_hostile_tree(root, tmp_path / "outside", A, B)
+    (root / A / os.fsdecode(RAW_NAME)).write_bytes(b"raw bytes name\n")
     return root
 
 

@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import mmap
 import os
-import stat
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,7 @@ from tftpd.inline_open import InlineOpener
 from tftpd.mounts import BLOCK, KINDS, MEMORY, MountTable, parse_mountinfo
 from tftpd.roots import ClientRoots, OpenRefused
 
+from ..hostile_tree import make_hostile_tree
 from ..serving import serving
 from .conftest import CLIENT_A, CLIENT_B
 from .helpers import file_sha256, running
@@ -38,40 +38,18 @@ A, B = CLIENT_A, CLIENT_B
 SMALL = 4096
 
 
-def _hostile_tree(root: Path, outside: Path) -> None:
-    """A's and B's directories, with symlinks of every kind in A's (as in
-    tests/security/test_tftp_paths.py)."""
-    outside.mkdir(parents=True, exist_ok=True)
-    (outside / "host-secret").write_bytes(b"outside the root\n")
-    a, b = root / A, root / B
-    for d, ip in ((a, A), (b, B)):
-        (d / "sub").mkdir(parents=True)
-        (d / "whoami").write_bytes(ip.encode() + b"\n")
-        (d / "sub" / "inner").write_bytes(b"inner of " + ip.encode() + b"\n")
-    (b / "secret-b").write_bytes(b"B's secret\n")
-    (a / "big").write_bytes(os.urandom(3 * SMALL))
-    (a / "empty").write_bytes(b"")
-    (a / "link-ok").symlink_to("sub/inner")
-    (a / "sub" / "link-up-ok").symlink_to("../whoami")
-    (a / "link-abs-inside").symlink_to(a / "whoami")
-    (a / "link-b").symlink_to(f"../{B}/secret-b")
-    (a / "link-abs-b").symlink_to(b / "secret-b")
-    (a / "link-host").symlink_to(outside / "host-secret")
-    (a / "passwd").symlink_to("/etc/passwd")
-    (a / "dir-b").symlink_to(f"../{B}")
-    (a / "dir-up").symlink_to("..")
-    (a / "self-dir").symlink_to(".")
-    (a / "loop").symlink_to("loop")
-    (a / "dangling").symlink_to("nowhere")
-    os.mkfifo(a / "fifo")
-    os.mknod(a / "devzero", stat.S_IFCHR | 0o644, os.makedev(1, 5))
-
-
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The path tests' tree (tests/hostile_tree.py), plus files for the inline open's cases."""
     base = tmp_path_factory.mktemp("inline")
-    _hostile_tree(base / "root", base / "outside")
-    return base / "root"
+    root = base / "root"
+    make_hostile_tree(root, base / "outside", A, B)
+    a = root / A
+    (a / "big").write_bytes(os.urandom(3 * SMALL))
+    (a / "empty").write_bytes(b"")
+    (a / "sub" / "link-up-ok").symlink_to("../whoami")
+    (a / "link-abs-inside").symlink_to(a / "whoami")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +309,7 @@ def test_a_client_address_that_names_no_directory_is_left_to_the_helper(
 
 
 NAMES = ["whoami", "sub", "inner", "link-ok", "link-up-ok", "link-abs-inside", "link-b",
-         "link-abs-b", "link-host", "passwd", "dir-b", "dir-up", "self-dir", "loop",
+         "link-abs-b", "link-host", "passwd", "hostdir", "dir-b", "dir-up", "self-dir", "loop",
          "dangling", "fifo", "devzero", "big", "empty", "secret-b", A, B, ".", ".."]
 
 
