@@ -182,15 +182,24 @@ def server_cpu_seconds(server: Running) -> float:
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the process, its reaped children (tftpd-hpa forks per transfer) and
     its live children (vfsroot --workers)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):  # a child that exited meanwhile
+        return 0.0
     ticks = sum(int(x) for x in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(c) for c in _children(pid))
 
 
 def peak_rss_mib(pid: int) -> float:
-    """Peak RSS of the process plus that of its live children (worker processes)."""
+    """Peak RSS of the process plus that of its live children (worker processes).  A child
+    that exits while it is read (tftpd-hpa's process per transfer) counts 0: it is not a
+    live child any more."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
     peak = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in text.splitlines():
         if line.startswith("VmHWM:"):
             peak = int(line.split()[1]) / 1024
     return peak + sum(peak_rss_mib(c) for c in _children(pid))
