@@ -21,10 +21,11 @@ steps the kernel promises not to wait in:
    the client's directory (``..``, an absolute symlink, one pointing outside) or its mount,
    so the file is on the filesystem step 2 checked, and inside the directory by
    construction (where :meth:`tftpd.roots.ClientRoots.open` checks the real path after);
-4. a file of at most ``small`` bytes is read whole with ``RWF_NOWAIT`` (EAGAIN unless its
-   pages are cached); on a memory filesystem with a plain read, which has no device to wait
-   for.  A file not read whole here is handed on open, and the transfer's read-ahead reads
-   it in worker threads like any large file.
+4. a file of at most ``small`` bytes, and at most the helper's ``WHOLE_MAX`` (128 KiB: the
+   copy stays a few microseconds of the event loop's time), is read whole with
+   ``RWF_NOWAIT`` (EAGAIN unless its pages are cached); on a memory filesystem with a plain
+   read, which has no device to wait for.  A file not read whole here is handed on open,
+   and the transfer's read-ahead reads it in worker threads like any large file.
 
 One answer besides a file is given here: a name that does not exist (ENOENT, ENOTDIR) is
 refused as "file not found", with the helper's own words (:func:`tftpd.roots.open_refusal`).
@@ -46,6 +47,7 @@ import os
 import stat
 
 from .mounts import MEMORY, MountTable
+from .opener_process import WHOLE_MAX
 from .roots import ClientRoots, OpenedFile, OpenRefused, open_refusal
 
 #: openat2(2)'s number: the same on every architecture (one table for new system calls).
@@ -126,7 +128,8 @@ class InlineOpener:
 
     def open(self, client: str, relpath: str, small: int) -> Opened | None:
         """``relpath`` (normalised, tftpd/paths.py) for ``client``, and its bytes when it is
-        at most ``small`` bytes long and cached; None: ask the helper.  Raises
+        at most ``small`` bytes long (and ``WHOLE_MAX``, as in the helper) and cached; None:
+        ask the helper.  Raises
         :class:`OpenRefused` ("file not found") for a name the kernel knows is missing."""
         try:
             base = self._roots.directory_text(client)
@@ -153,7 +156,8 @@ class InlineOpener:
             if not stat.S_ISREG(st.st_mode):
                 os.close(fd)
                 return None
-            whole = _read_cached(fd, st.st_size, kind == MEMORY) if st.st_size <= small else None
+            whole = (_read_cached(fd, st.st_size, kind == MEMORY)
+                     if st.st_size <= min(small, WHOLE_MAX) else None)
             if whole is None:
                 os.set_blocking(fd, True)
         except OSError:

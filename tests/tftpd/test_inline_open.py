@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from tftpd.client import TftpError, fetch
 from tftpd.inline_open import InlineOpener
 from tftpd.mounts import BLOCK, KINDS, MEMORY, MountTable, parse_mountinfo
+from tftpd.opener_process import WHOLE_MAX
 from tftpd.roots import ClientRoots, OpenRefused
 
 from ..hostile_tree import make_hostile_tree
@@ -188,6 +189,24 @@ def test_a_small_cached_file_comes_back_whole(hostile: Path, inline: InlineOpene
     assert inline.opened == before + 1
     empty = inline.open(A, "empty", SMALL)
     assert empty is not None and empty[1] == b""
+
+
+def test_a_file_above_the_helpers_whole_read_limit_is_handed_on_open(tmp_path: Path) -> None:
+    """Read whole only up to WHOLE_MAX, like the helper, whatever ``small`` allows: a large
+    copy would be the event loop's time."""
+    root = tmp_path / "root"
+    (root / A).mkdir(parents=True)
+    (root / A / "mid").write_bytes(os.urandom(WHOLE_MAX + 1))
+    (root / A / "edge").write_bytes(os.urandom(WHOLE_MAX))
+    inline = InlineOpener(ClientRoots(root))
+    try:
+        got = inline.open(A, "mid", 4 * WHOLE_MAX)
+        assert got is not None and got[1] is None and got[0].fd >= 0
+        os.close(got[0].fd)
+        edge = inline.open(A, "edge", 4 * WHOLE_MAX)
+        assert edge is not None and edge[1] == (root / A / "edge").read_bytes()
+    finally:
+        inline.close()
 
 
 def test_a_large_file_comes_back_open_and_blocking(hostile: Path, inline: InlineOpener) -> None:
