@@ -48,7 +48,7 @@ import stat
 
 from .mounts import MEMORY, MountTable
 from .opener_process import WHOLE_MAX
-from .roots import ClientRoots, OpenedFile, OpenRefused, open_refusal
+from .roots import ClientRoots, Opened, OpenedFile, OpenRefused, open_refusal
 
 #: openat2(2)'s number: the same on every architecture (one table for new system calls).
 _SYS_OPENAT2 = 437
@@ -98,11 +98,6 @@ class _Openat2:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
         return int(fd)
-
-
-#: What an open delivers, as :class:`tftpd.opener.OpenerPool` does: the file (descriptor -1
-#: when read whole) and its bytes when read whole.
-Opened = tuple[OpenedFile, bytes | None]
 
 
 class InlineOpener:

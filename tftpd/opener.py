@@ -54,7 +54,7 @@ from .opener_process import (
     WHOLE,
     encode_request,
 )
-from .roots import ClientRoots, OpenedFile, OpenRefused
+from .roots import ClientRoots, Opened, OpenedFile, OpenRefused
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ class _Helper:
     proc: subprocess.Popen[bytes]
     #: Replies received: a helper that dies before its first one cannot run here.
     answered: int = 0
-
-
-#: What an open delivers: the file (its descriptor -1 when read whole) and its bytes if small.
-Opened = tuple[OpenedFile, bytes | None]
 
 
 class _Waiting:

@@ -93,6 +93,11 @@ class OpenedFile:
     mtime_ns: int = 0
 
 
+#: What an open delivers, by the helper (tftpd/opener.py) or inline (tftpd/inline_open.py):
+#: the file (its descriptor -1 when read whole) and its bytes if small.
+Opened = tuple[OpenedFile, bytes | None]
+
+
 @dataclass(frozen=True)
 class ClientRoots:
     """Maps a client to its directory.  Immutable: shared by every session without locks."""
