@@ -16,16 +16,25 @@ steps the kernel promises not to wait in:
    ``O_PATH`` open calls no filesystem code;
 2. that directory's mount must be a local filesystem (:mod:`tftpd.mounts`: tmpfs or a disk
    filesystem; never FUSE, NFS, CIFS, overlay or an unknown type), asked of the VFS alone;
-3. the file is opened from that directory with ``RESOLVE_BENEATH | RESOLVE_NO_XDEV |
-   RESOLVE_NO_MAGICLINKS | RESOLVE_CACHED``: the kernel refuses any resolution that leaves
-   the client's directory (``..``, an absolute symlink, one pointing outside) or its mount,
-   so the file is on the filesystem step 2 checked, and inside the directory by
-   construction (where :meth:`tftpd.roots.ClientRoots.open` checks the real path after);
+3. the name is resolved from that directory, ``O_PATH``, with ``RESOLVE_BENEATH |
+   RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS | RESOLVE_CACHED``: the kernel refuses any
+   resolution that leaves the client's directory (``..``, an absolute symlink, one
+   pointing outside) or its mount, so the file is on the filesystem step 2 checked, and
+   inside the directory by construction.  Only a regular file goes on: it is opened for
+   reading through that ``O_PATH`` descriptor (/proc/self/fd), so no device's driver is
+   ever opened here;
 4. a file of at most ``small`` bytes, and at most the helper's ``WHOLE_MAX`` (128 KiB: the
    copy stays a few microseconds of the event loop's time), is read whole with
-   ``RWF_NOWAIT`` (EAGAIN unless its pages are cached); on a memory filesystem with a plain
-   read, which has no device to wait for.  A file not read whole here is handed on open,
-   and the transfer's read-ahead reads it in worker threads like any large file.
+   ``RWF_NOWAIT`` (EAGAIN unless its pages are cached); on a memory filesystem, which
+   refuses that flag, with a plain read, which has no device to wait for.  A file not read
+   whole here is handed on open, and the transfer's read-ahead reads it in worker threads
+   like any large file.
+
+What this does not cover, and ``--no-inline-open`` is for: a filesystem that makes an open
+or a cached read wait all the same -- an access-time update that waits for the journal, a
+tmpfs page swapped out, an fanotify permission listener (a file-access policy daemon), a
+filesystem's once-per-mount work on the first open.  Those waits are rare and short on a
+boot server's local tree; an operator who has one of them switches the inline open off.
 
 One answer besides a file is given here: a name that does not exist (ENOENT, ENOTDIR) is
 refused as "file not found", with the helper's own words (:func:`tftpd.roots.open_refusal`).
@@ -41,22 +50,22 @@ decided in one place (:meth:`ClientRoots.open`).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 
 from .mounts import MEMORY, MountTable
+from .openat2 import (
+    AT_FDCWD,
+    RESOLVE_BENEATH,
+    RESOLVE_CACHED,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_XDEV,
+    Openat2,
+)
 from .opener_process import WHOLE_MAX
 from .roots import ClientRoots, Opened, OpenedFile, OpenRefused, open_refusal
 
-#: openat2(2)'s number: the same on every architecture (one table for new system calls).
-_SYS_OPENAT2 = 437
-_AT_FDCWD = -100
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_BENEATH = 0x08
-RESOLVE_CACHED = 0x20
 #: How a request's name is resolved from the client's directory (step 3).
 CONFINED = RESOLVE_BENEATH | RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS | RESOLVE_CACHED
 
@@ -65,39 +74,10 @@ CONFINED = RESOLVE_BENEATH | RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS | RESOLVE_C
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 
 _DIRECTORY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-# O_NONBLOCK: opening a FIFO read-only would otherwise wait for a writer (it is refused
-# after the fstat, like in ClientRoots.open).
-_FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-class _Openat2:
-    """``openat2(dirfd, path, flags, resolve)`` -> descriptor, raising OSError like
-    ``os.open`` (Python 3.11 has no binding)."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._syscall = libc.syscall
-        self._syscall.restype = ctypes.c_long
-        self._how = _OpenHow(0, 0, 0)
-        self._size = ctypes.sizeof(_OpenHow)
-
-    def __call__(self, dirfd: int, path: str, flags: int, resolve: int) -> int:
-        raw = os.fsencode(path)
-        if b"\0" in raw:  # C would stop at it, opening a shorter name (os.open refuses too)
-            raise OSError(errno.EINVAL, "embedded NUL in path")
-        how = self._how
-        how.flags = flags
-        how.resolve = resolve
-        fd = self._syscall(_SYS_OPENAT2, dirfd, raw, ctypes.byref(how), self._size)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return int(fd)
+#: The request's name is resolved to an O_PATH descriptor (no filesystem or driver code runs).
+_PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
+#: A regular file found so is then opened for reading (no O_NONBLOCK: it is never a FIFO).
+_FILE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
 
 
 class InlineOpener:
@@ -110,9 +90,9 @@ class InlineOpener:
 
     def __init__(self, roots: ClientRoots, mounts: MountTable | None = None) -> None:
         self._roots = roots
-        self._openat2 = _Openat2()
+        self._openat2 = Openat2()
         # Probe: ENOSYS before Linux 5.6, EINVAL for RESOLVE_CACHED before 5.12.
-        os.close(self._openat2(_AT_FDCWD, "/", _DIRECTORY_FLAGS, RESOLVE_CACHED))
+        os.close(self._openat2(AT_FDCWD, "/", _DIRECTORY_FLAGS, RESOLVE_CACHED))
         self._mounts = mounts if mounts is not None else MountTable()
         #: Files opened here, and missing names refused here (the rest went to the helper).
         self.opened = 0
@@ -131,30 +111,19 @@ class InlineOpener:
         except OpenRefused:
             return None
         try:
-            dir_fd = self._openat2(_AT_FDCWD, base, _DIRECTORY_FLAGS, RESOLVE_CACHED)
+            dir_fd = self._openat2(AT_FDCWD, base, _DIRECTORY_FLAGS, RESOLVE_CACHED)
         except OSError:
             return None
         try:
-            kind = self._mounts.kind_of(dir_fd)
-            if kind is None:
-                return None
-            fd = self._openat2(dir_fd, relpath, _FILE_FLAGS, CONFINED)
-        except OSError as exc:
-            if exc.errno in _MISSING:
-                self.refused += 1
-                raise open_refusal(exc) from None
-            return None
+            found = self._open_regular(dir_fd, relpath)
         finally:
             os.close(dir_fd)
+        if found is None:
+            return None
+        fd, st, kind = found
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                return None
             whole = (_read_cached(fd, st.st_size, kind == MEMORY)
                      if st.st_size <= min(small, WHOLE_MAX) else None)
-            if whole is None:
-                os.set_blocking(fd, True)
         except OSError:
             os.close(fd)
             return None
@@ -165,6 +134,33 @@ class InlineOpener:
             return OpenedFile(fd=-1, size=st.st_size, path=path, mtime_ns=st.st_mtime_ns), whole
         return OpenedFile(fd=fd, size=st.st_size, path=path, mtime_ns=st.st_mtime_ns), None
 
+    def _open_regular(self, dir_fd: int, relpath: str) -> tuple[int, os.stat_result, str] | None:
+        """Steps 2 and 3 of the module: (descriptor open for reading, its stat, the mount's
+        kind) for a regular file below ``dir_fd`` on a local mount; None: ask the helper.
+
+        The name is resolved to an ``O_PATH`` descriptor first, and only a regular file is
+        opened for reading, through that descriptor (/proc/self/fd: the same inode, no name
+        resolved again): opening a device node would run its driver's open on the event loop,
+        and a block device's may wait on I/O."""
+        kind = self._mounts.kind_of(dir_fd)
+        if kind is None:
+            return None
+        try:
+            path_fd = self._openat2(dir_fd, relpath, _PATH_FLAGS, CONFINED)
+        except OSError as exc:
+            if exc.errno in _MISSING:
+                self.refused += 1
+                raise open_refusal(exc) from None
+            return None
+        try:
+            st = os.fstat(path_fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return os.open(f"/proc/self/fd/{path_fd}", _FILE_FLAGS), st, kind
+        except OSError:
+            return None
+        finally:
+            os.close(path_fd)
 
 def _read_cached(fd: int, size: int, memory: bool) -> bytes | None:
     """The file's ``size`` bytes if they can be read without waiting for a device, else None

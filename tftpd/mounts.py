@@ -92,7 +92,8 @@ class MountTable:
         self._file.close()
 
     def _reload(self) -> None:
-        # Reading the file to its end is what re-arms POLLPRI for the next change.
+        # The kernel clears POLLPRI inside poll() itself; a change made while this reads
+        # shows at the next poll, and is read then.
         self._file.seek(0)
         chunks = []
         while chunk := self._file.read(65536):

@@ -24,6 +24,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .openat2 import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, Openat2
+
 
 class OpenRefused(Exception):
     """The file cannot be served.  ``code`` is the TFTP error code, ``str(exc)`` the message."""
@@ -146,7 +148,7 @@ class ClientRoots:
             if not stat.S_ISREG(st.st_mode):
                 raise OpenRefused(2, "not a regular file")
             if not self.follow_outside_symlinks:
-                self._check_inside(base, fd)
+                self._check_inside(base, relpath, fd)
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -154,7 +156,7 @@ class ClientRoots:
         return OpenedFile(fd=fd, size=st.st_size, path=full, mtime_ns=st.st_mtime_ns)
 
     @staticmethod
-    def _check_inside(base: str, fd: int) -> None:
+    def _check_inside(base: str, relpath: str, fd: int) -> None:
         """Refuse a file whose real location is outside the client's resolved directory.
 
         Checked on the open descriptor, not on the path: a symlink swapped between the open
@@ -169,12 +171,39 @@ class ClientRoots:
             dir_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 real_base = os.readlink(f"/proc/self/fd/{dir_fd}")
+                try:
+                    real = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError as exc:
+                    if exc.errno != errno.ENAMETOOLONG:
+                        raise
+                    # The kernel cannot name the file (more than PATH_MAX, reached through
+                    # symlinks): ask it instead whether the name resolves to this very file
+                    # without leaving the directory, as the inline open does.
+                    if not _beneath(dir_fd, relpath, fd):
+                        raise OpenRefused(
+                            2, "access violation: file is outside the client's directory"
+                        ) from None
+                    return
             finally:
                 os.close(dir_fd)
-            real = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             raise OpenRefused(0, "cannot tell where the opened file lives") from None
         # Both are canonical (the kernel's), so "below" is a prefix ending at a separator.
         inside = real.startswith(real_base if real_base.endswith("/") else real_base + "/")
         if not inside or real == real_base:
             raise OpenRefused(2, "access violation: file is outside the client's directory")
+
+
+def _beneath(dir_fd: int, relpath: str, fd: int) -> bool:
+    """Whether ``relpath`` resolves below ``dir_fd`` (``RESOLVE_BENEATH``: no ``..`` above
+    it, no absolute or magic link) to the file open as ``fd``."""
+    try:
+        found = Openat2()(dir_fd, relpath, os.O_PATH | os.O_CLOEXEC,
+                          RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+    except OSError:
+        return False
+    try:
+        a, b = os.fstat(found), os.fstat(fd)
+    finally:
+        os.close(found)
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

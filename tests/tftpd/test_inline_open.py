@@ -14,10 +14,11 @@ import contextlib
 import ctypes
 import mmap
 import os
+import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,54 @@ def test_everything_else_is_left_to_the_helper(inline: InlineOpener, name: str) 
     assert inline.opened == before
 
 
+def _inotify_opens(directory: Path, action: Callable[[], object]) -> set[str]:
+    """Names below ``directory`` opened (IN_OPEN: an open that is not O_PATH) during
+    ``action()``, as inotify saw them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ifd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert ifd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        assert libc.inotify_add_watch(ifd, os.fsencode(directory), 0x20) >= 0  # IN_OPEN
+        action()
+        try:
+            raw = os.read(ifd, 65536)
+        except BlockingIOError:
+            return set()
+    finally:
+        os.close(ifd)
+    names, at = set(), 0
+    while at < len(raw):  # struct inotify_event: wd, mask, cookie, len, name[len]
+        length = int.from_bytes(raw[at + 12:at + 16], "little")
+        names.add(raw[at + 16:at + 16 + length].rstrip(b"\0").decode())
+        at += 16 + length
+    return names
+
+
+def test_a_special_file_is_never_opened_for_reading_on_the_event_loop(tmp_path: Path) -> None:
+    """A device node's open runs its driver (a block device's may wait on I/O): the name is
+    resolved O_PATH and only a regular file is opened for reading.  Seen by inotify, which
+    reports every open but an O_PATH one."""
+    root = tmp_path / "root"
+    (root / A).mkdir(parents=True)
+    os.mknod(root / A / "devnull", 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(root / A / "fifo")
+    (root / A / "plain").write_bytes(b"x" * 100)
+    roots = ClientRoots(root)
+    for name in ("devnull", "fifo", "plain"):  # the names into the dentry cache
+        with contextlib.suppress(OpenRefused):
+            ClientRoots(root).open(A, name)
+    inline = InlineOpener(roots)
+    try:
+        got: dict[str, object] = {}
+        opened = _inotify_opens(root / A, lambda: got.update(
+            {n: inline.open(A, n, SMALL) for n in ("devnull", "fifo", "plain")}))
+    finally:
+        inline.close()
+    assert got["devnull"] is None and got["fifo"] is None
+    assert got["plain"] is not None  # the watch works: the regular file was opened
+    assert opened == {"plain"}
+
+
 @pytest.mark.parametrize("name", [f"../{B}/secret-b", f"sub/../../{B}/secret-b",
                                   "../../etc/passwd"])
 def test_even_a_name_with_dotdot_cannot_leave_the_directory(inline: InlineOpener,
@@ -414,3 +463,58 @@ async def test_a_fuse_tree_is_never_opened_inline(tmp_path: Path) -> None:
             res = await fetch(addr, "pxelinux.0", bind=CLIENT_A)
             assert res.sha256 == file_sha256(source / "default" / "pxelinux.0")
         assert server.stats.completed == 2 and server.stats.opened_inline == 0
+
+
+def _deep_tree(client_dir: Path, top: Path) -> str:
+    """20 nested directories of 242-byte names (about 4.9 KiB of path: more than PATH_MAX)
+    below ``top``, a file at the bottom, and relative symlinks -- the first in the client's
+    directory -- that reach it with a short name; returns that name."""
+    parts = [f"{i:02d}" + "d" * 240 for i in range(20)]
+    top.mkdir(exist_ok=True)
+    fd = os.open(top, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for i, part in enumerate(parts):
+            os.mkdir(part, dir_fd=fd)
+            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            if i == 9:
+                os.symlink("/".join(parts[10:]), "s2", dir_fd=fd)
+        w = os.open("deep", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(w, b"deep file\n")
+        os.close(w)
+    finally:
+        os.close(fd)
+    hop = "" if top == client_dir else f"../{top.name}/"
+    (client_dir / "s1").symlink_to(hop + "/".join(parts[:10]))
+    return "s1/s2/deep"
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_a_file_the_kernel_cannot_name_is_judged_by_where_its_name_resolves(
+        tmp_path: Path, outside: bool) -> None:
+    """A real path longer than PATH_MAX (reached through symlinks) has no name in
+    /proc/self/fd, so ClientRoots.open asks the kernel instead whether the request's name
+    resolves below the client's directory to that file (RESOLVE_BENEATH): served if so,
+    refused as outside if not.  The inline open never serves what it refuses."""
+    root = tmp_path / "root"
+    (root / A).mkdir(parents=True)
+    name = _deep_tree(root / A, root / "elsewhere" if outside else root / A)
+    roots = ClientRoots(root)
+    inline = InlineOpener(roots)
+    try:
+        if outside:
+            with pytest.raises(OpenRefused) as refused:
+                roots.open(A, name)
+            assert refused.value.code == 2 and "outside" in str(refused.value)
+            assert inline.open(A, name, SMALL) is None
+        else:
+            opened = roots.open(A, name)
+            try:
+                assert os.pread(opened.fd, 100, 0) == b"deep file\n"
+            finally:
+                os.close(opened.fd)
+            got = inline.open(A, name, SMALL)  # served, or left to the helper
+            assert got is None or got[1] == b"deep file\n"
+    finally:
+        inline.close()
