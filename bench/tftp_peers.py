@@ -104,7 +104,9 @@ def _cgroup(name: str) -> Path | None:
 
 def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                   max_clients: int, workers: int | None = None,
-                  cpu: str | None = None, python_lane: bool = False) -> list[Running]:
+                  cpu: str | None = None, python_lane: bool = False,
+                  second_vfsroot: str | None = None,
+                  only: set[str] | None = None) -> list[Running]:
     """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
 
     All get the same limits where they have them: block sizes up to 65464, at least
@@ -112,7 +114,9 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
     ``root`` holds the files; vfsroot serves ``root/127.0.0.1`` through its per-client mode (its
     normal path), so the peers are pointed at that same directory.  ``python_lane``: also
     ``vfsroot-py``, vfsroot-tftpd answering lock-step ACKs in Python (``--python-lane``), to
-    see what the compiled lane is worth in the same run.
+    see what the compiled lane is worth in the same run.  ``second_vfsroot``: the name of
+    one more vfsroot-tftpd with the default flags (bench/storm_split.py changes it after the
+    start, e.g. pins its workers).  ``only``: start just these names.
     """
     served = root / "127.0.0.1"
 
@@ -140,6 +144,10 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
     }
     if python_lane:
         specs["vfsroot-py"] = vfsroot(6904, "--python-lane")
+    if second_vfsroot is not None:
+        specs[second_vfsroot] = vfsroot(6905)
+    if only is not None:
+        specs = {name: spec for name, spec in specs.items() if name in only}
     running = []
     for name, (port, cmd) in specs.items():
         log = open(logdir / f"{name}.log", "wb")  # noqa: SIM115 (lives as long as the server)
