@@ -142,7 +142,10 @@ class InlineOpener:
         opened for reading, through that descriptor (/proc/self/fd: the same inode, no name
         resolved again): opening a device node would run its driver's open on the event loop,
         and a block device's may wait on I/O."""
-        kind = self._mounts.kind_of(dir_fd)
+        try:  # apart from the open below: no error of this one means "file not found"
+            kind = self._mounts.kind_of(dir_fd)
+        except OSError:
+            return None
         if kind is None:
             return None
         try:
