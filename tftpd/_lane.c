@@ -16,7 +16,14 @@
  * the pump is busy.  An event of an armed transfer that the lane read but did not answer keeps
  * its datagram (or the errno of the failed recv or send) in the transfer's slot; every poll()
  * reports that transfer again until disarm() returns what it kept, and the pump handles it as
- * if it had read it itself.  A Lane belongs to one thread (the pump's).
+ * if it had read it itself.  A Lane belongs to one thread (the pump's): a call made while
+ * another is inside poll() without the GIL raises RuntimeError rather than change the slots
+ * under it.
+ *
+ * Slots are indexed by descriptor number, and the lane cannot tell one socket from the next
+ * one given the same number: the pump disarms a transfer before its socket is closed, and
+ * disarm() releases the slot whatever else fails; the pump also disarms every descriptor as
+ * it enters its epoll set, so a slot left armed by a bug can never answer for a new socket.
  *
  * An armed slot holds a buffer export of the frame buffer it was given: the pump disarms a
  * transfer before anything can recycle or drop that buffer (every chunk change happens in the
@@ -68,12 +75,13 @@ typedef struct {
     Slot *slots;            /* indexed by file descriptor */
     Py_ssize_t nslots;
     unsigned long long datagrams;
-    int answered;           /* events the last poll() answered itself */
+    int answered;           /* ACKs the last poll() answered with the next frame */
     /* Descriptors with something kept or held: every poll() reports them until the pump
      * disarms them, so a datagram the lane took off a socket is never lost, even when a
      * caller drops the events of one poll (the socket itself is no longer readable). */
     int *pending;
     int npending, cap_pending, narmed;
+    int busy;               /* poll() is waiting or answering without the GIL */
     unsigned long long generation;
     unsigned char buf[RECV_SIZE];
 } Lane;
@@ -106,10 +114,19 @@ static void slot_release(Lane *self, Slot *s) {
     Py_CLEAR(s->held);
 }
 
+static int refuse_busy(Lane *self) {
+    if (!self->busy)
+        return 0;
+    PyErr_SetString(PyExc_RuntimeError, "the lane is in use by another thread's poll()");
+    return -1;
+}
+
 static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"epfd", "maxevents", NULL};
     int epfd, maxevents = 512;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|i", kwlist, &epfd, &maxevents))
+        return -1;
+    if (refuse_busy(self) < 0)
         return -1;
     if (epfd < 0 || maxevents < 1 || maxevents > 65536) {
         PyErr_SetString(PyExc_ValueError, "epfd must be a descriptor, maxevents 1..65536");
@@ -178,6 +195,8 @@ static PyObject *Lane_arm(Lane *self, PyObject *args) {
         if (srtt == -1.0 && PyErr_Occurred())
             return NULL;
     }
+    if (refuse_busy(self) < 0)
+        return NULL;
     if (upto < 0 || first < 0 || count < 0 || seg < 5 || end < 0 || upto >= LLONG_MAX / 2
             || count > PY_SSIZE_T_MAX / seg) {
         PyErr_SetString(PyExc_ValueError, "arm: negative or impossible block numbers or sizes");
@@ -197,8 +216,9 @@ static PyObject *Lane_arm(Lane *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "arm: frames do not match first/count/end/seg");
         return NULL;
     }
-    slot_release(self, s);
-    if (self->narmed + 1 > self->cap_pending) {  /* room to keep one datagram per armed slot */
+    /* Room to keep one datagram per armed slot, made before the slot's old state (a stale
+     * arm on this number) is dropped, so that a failure here leaves everything as it was. */
+    if (self->narmed + 1 > self->cap_pending) {
         int cap = self->cap_pending ? 2 * self->cap_pending : 64;
         int *pending = PyMem_Realloc(self->pending, (size_t)cap * sizeof(int));
         if (pending == NULL) {
@@ -209,6 +229,7 @@ static PyObject *Lane_arm(Lane *self, PyObject *args) {
         self->pending = pending;
         self->cap_pending = cap;
     }
+    slot_release(self, s);
     self->narmed++;
     s->frames = view;
     s->armed = 1;
@@ -235,18 +256,33 @@ static PyObject *Lane_disarm(Lane *self, PyObject *args) {
     int fd;
     if (!PyArg_ParseTuple(args, "i", &fd))
         return NULL;
+    if (refuse_busy(self) < 0)
+        return NULL;
     Slot *s = slot_for(self, fd, 0);
     if (s == NULL || !s->armed)
         Py_RETURN_NONE;
-    PyObject *held = s->held ? s->held : Py_None;
-    PyObject *srtt = s->srtt < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(s->srtt);
-    if (srtt == NULL)
-        return NULL;
-    PyObject *result = Py_BuildValue("(LdNLO)", s->upto, s->last_tx, srtt, s->sent, held);
-    if (result == NULL)
-        return NULL;
+    /* The slot is released before anything here can fail: once disarm() is called, nothing
+     * is left armed on this number, whatever it returns. */
+    PyObject *held = s->held;
+    s->held = NULL;
+    int failed = 0;
+    if (held == NULL && s->kept != NULL)  /* kept by a poll() that failed before report() */
+        failed = (held = PyBytes_FromStringAndSize((const char *)s->kept, s->kept_len)) == NULL;
+    else if (held == NULL && s->kept_errno)
+        failed = (held = PyLong_FromLong(s->kept_errno)) == NULL;
+    long long upto = s->upto, sent = s->sent;
+    double last_tx = s->last_tx, srtt_value = s->srtt;
     slot_release(self, s);
-    return result;
+    if (failed)
+        return NULL;
+    if (held == NULL)
+        held = Py_NewRef(Py_None);
+    PyObject *srtt = srtt_value < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(srtt_value);
+    if (srtt == NULL) {
+        Py_DECREF(held);
+        return NULL;
+    }
+    return Py_BuildValue("(LdNLN)", upto, last_tx, srtt, sent, held);
 }
 
 /* Keep what the lane read but will not answer (without the GIL: plain malloc).  The list has
@@ -269,15 +305,19 @@ static void keep(Lane *self, int fd, Slot *s, const unsigned char *data, ssize_t
     s->kept_len = n;
 }
 
-/* One readable event of an armed transfer, without the GIL: 1 if the lane answered it
- * (nothing for the pump to do), 0 if it kept a datagram or an errno in the slot. */
+#define KEPT 0      /* a datagram or an errno kept in the slot, for the pump */
+#define SENT 1      /* the ACK answered with the next frame */
+#define NOTHING 2   /* nothing queued after all (a datagram dropped for its checksum) */
+
+/* One readable event of an armed transfer, without the GIL: SENT or NOTHING leave nothing for
+ * the pump to do; KEPT left it a datagram or an errno in the slot. */
 static int answer(Lane *self, int fd, Slot *s) {
     ssize_t n = recv(fd, self->buf, RECV_SIZE, MSG_DONTWAIT);
     if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return 1;  /* nothing queued after all: epoll reports it again if it comes */
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return NOTHING;  /* epoll reports it again if a datagram comes */
         keep(self, fd, s, NULL, 0, errno);
-        return 0;
+        return KEPT;
     }
     const unsigned char *b = self->buf;
     if (n >= 4 && b[0] == 0 && b[1] == OP_ACK
@@ -301,18 +341,19 @@ static int answer(Lane *self, int fd, Slot *s) {
                     s->last_tx = now;
                     s->sent += 1;
                     self->datagrams += 1;
-                    return 1;
+                    return SENT;
                 }
-                if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                     keep(self, fd, s, NULL, 0, errno);  /* the client is gone */
-                    return 0;
+                    return KEPT;
                 }
-                /* The socket is full: the pump answers the ACK again and waits to write. */
+                /* The socket is full (or the send was interrupted): the pump answers the ACK
+                 * again, and waits to write if it must. */
             }
         }
     }
     keep(self, fd, s, b, n, 0);
-    return 0;
+    return KEPT;
 }
 
 /* Append (fd, ev) to ``out``, making what the slot kept a Python object first. */
@@ -350,6 +391,12 @@ static PyObject *Lane_poll(Lane *self, PyObject *args) {
     double timeout = 0.0;
     if (!PyArg_ParseTuple(args, "|d", &timeout))
         return NULL;
+    if (isnan(timeout)) {
+        PyErr_SetString(PyExc_ValueError, "poll: timeout is NaN");
+        return NULL;
+    }
+    if (refuse_busy(self) < 0)
+        return NULL;
     int ms;
     if (timeout < 0)
         ms = -1;
@@ -358,20 +405,25 @@ static PyObject *Lane_poll(Lane *self, PyObject *args) {
     else
         ms = (int)ceil(timeout * 1000.0);
     int n, err = 0, answered = 0;
+    self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     n = epoll_wait(self->epfd, self->events, self->maxevents, ms);
     if (n < 0)
         err = errno;
     for (int k = 0; k < n; k++) {
         int fd = self->events[k].data.fd;
-        Slot *s = fd < self->nslots ? &self->slots[fd] : NULL;
+        Slot *s = fd >= 0 && fd < self->nslots ? &self->slots[fd] : NULL;
         if (s != NULL && s->armed && s->held == NULL && s->kept == NULL && !s->kept_errno
-                && self->events[k].events == EPOLLIN && answer(self, fd, s)) {
-            self->events[k].events = 0;  /* answered: not for the pump (epoll never gives 0) */
-            answered++;
+                && self->events[k].events == EPOLLIN) {
+            int r = answer(self, fd, s);
+            if (r != KEPT)
+                self->events[k].events = 0;  /* not for the pump (epoll never gives 0) */
+            if (r == SENT)
+                answered++;
         }
     }
     Py_END_ALLOW_THREADS
+    self->busy = 0;
     self->answered = answered;
     if (n < 0) {
         if (err == EINTR) {
@@ -391,7 +443,7 @@ static PyObject *Lane_poll(Lane *self, PyObject *args) {
         if (ev == 0)
             continue;
         int fd = self->events[k].data.fd;
-        Slot *s = fd < self->nslots ? &self->slots[fd] : NULL;
+        Slot *s = fd >= 0 && fd < self->nslots ? &self->slots[fd] : NULL;
         if (s != NULL)
             s->reported = gen;
         if (report(out, s, fd, ev) < 0) {
@@ -446,7 +498,7 @@ static PyMethodDef Lane_methods[] = {
 
 static PyGetSetDef Lane_getset[] = {
     {"datagrams", (getter)Lane_get_datagrams, NULL, "DATA datagrams the lane sent", NULL},
-    {"answered", (getter)Lane_get_answered, NULL, "events the last poll() answered", NULL},
+    {"answered", (getter)Lane_get_answered, NULL, "ACKs the last poll() answered", NULL},
     {"pending", (getter)Lane_get_pending, NULL,
      "descriptors holding a datagram or errno the pump has not taken back", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -70,11 +70,17 @@ class CompiledLane:
         """Take ``t`` out of the lane and fold what it sent into the sender; returns what the
         lane read but did not answer (a datagram, or the errno of a failed ``recv`` or
         ``send``), which the pump must handle now."""
+        state = self._lane.disarm(t.fd)  # releases the slot even when it raises
         t.laned = False
-        state = self._lane.disarm(t.fd)
         if state is None:
             return None
         upto, last_tx, srtt, sent, held = state
         if sent:
             t.sender.acked_and_sent(upto, last_tx, srtt)
         return held
+
+    def forget(self, fd: int) -> None:
+        """Drop whatever the lane has armed on ``fd``: the pump calls it for every descriptor
+        entering its epoll set, a new socket that a slot left armed for a closed one (a bug,
+        or a failure while taking it back) must never answer for."""
+        self._lane.disarm(fd)

@@ -274,6 +274,8 @@ class Pump:
         the pump instead of a trio task switch each.  ``on_readable`` must not block; it
         runs after the pass has handled its transfers' events, so the sockets it may open
         or close never alias a descriptor of that pass.  What it raises is logged."""
+        if self._lane is not None:
+            self._lane.forget(fd)
         self._ep.register(fd, _EPOLLIN)
         self._watched[fd] = on_readable
 
@@ -316,6 +318,8 @@ class Pump:
         source.on_ready = lambda: self._make_runnable(t)
         source.post = self.post
         self._by_fd[t.fd] = t
+        if self._lane is not None:
+            self._lane.forget(t.fd)
         try:
             self._ep.register(t.fd, _EPOLLIN)
         except BaseException:

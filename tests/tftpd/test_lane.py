@@ -11,6 +11,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from tftpd import _lane as lane_mod  # built at install: a missing build fails here, loudly
 from tftpd.frames import Frames
+from tftpd.pump import Pump
 
 BLK = 8
 SEG = BLK + 4
@@ -263,3 +265,64 @@ def test_every_datagram_is_answered_exactly_or_handed_back(
                 arm(w, seq, frames, first, count, count * SEG)
         assert w.lane.disarm(w.fd)[0] == seq
         assert w.nothing_for_client()
+
+
+def test_a_descriptor_entering_the_pump_is_never_answered_from_a_stale_slot() -> None:
+    """The lane knows sockets by number only.  A slot left armed for a closed socket (a bug,
+    or a failure while taking the transfer back) would answer a new socket given the same
+    number -- another client's request answered with the old file's bytes -- so the pump
+    disarms every descriptor it registers."""
+    pump = Pump()
+    assert pump.compiled_lane
+    lane = pump._lane._lane
+    old = Wire()
+    fd = old.fd
+    frames = Frames(BLK, 4)
+    frames.fill(b"SECRET!!" * 4, 1, final=False)
+    lane.arm(fd, 1, frames.view, 1, 4, 4 * SEG, SEG, True, None, time.perf_counter())
+    old.ep.close()
+    old.server.close()  # closed while armed
+    old.client.close()
+    new = Wire()
+    seen: list[bytes] = []
+    try:
+        assert new.fd == fd
+        new.ep.unregister(fd)
+        pump.watch(fd, lambda: seen.append(new.server.recv(100)))
+        assert not lane.armed(fd)
+        new.client.send(ack(1))  # "ACK 1" of the old transfer, as far as the slot knew
+        deadline = time.monotonic() + 2.0
+        while not seen and time.monotonic() < deadline:
+            pump._pass(time.perf_counter())
+        assert seen == [ack(1)]  # the datagram went to its own socket's owner
+        assert new.nothing_for_client()
+    finally:
+        pump.unwatch(fd)
+        pump.close()
+        new.close()
+
+
+def test_a_call_while_another_thread_polls_is_refused() -> None:
+    """poll() uses the slots without the GIL: a poll(), arm() or disarm() from another thread
+    meanwhile would change them under it (a freed buffer sent to a client), so it raises."""
+    frames, n, end = frames_of(bytes(8 * BLK), 1)
+    with wire() as w:
+        arm(w, 1, frames, 1, n, end)
+        poller = threading.Thread(target=w.lane.poll, args=(1.0,))
+        poller.start()
+        refused = False
+        while poller.is_alive() and not refused:
+            try:
+                w.lane.armed(w.fd)  # harmless: only reads, with the GIL
+                w.lane.poll(0.0)
+            except RuntimeError:
+                refused = True
+            time.sleep(0.01)
+        poller.join()
+        assert refused
+        assert w.lane.armed(w.fd)  # nothing was changed by the refused call
+
+
+def test_a_nan_timeout_is_refused() -> None:
+    with wire() as w, pytest.raises(ValueError):
+        w.lane.poll(float("nan"))
