@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu-clamp", action="store_true",
                    help="also clamp blksize to the route MTU towards the client")
     p.add_argument("--windowsize-max", type=_bounded(1, WINDOWSIZE_MAX), default=64)
+    p.add_argument("--timeout-max", type=_bounded(1, 255), default=30,
+                   help="largest timeout option (RFC 2349) accepted, seconds; a larger one "
+                        "is declined")
     p.add_argument("--retransmit", type=_positive_float, default=1.0, metavar="SECONDS",
                    help="retransmission timeout when the client did not send 'timeout'")
     p.add_argument("--retries", type=_bounded(0, 100), default=5)
@@ -148,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         listen.append(spec)
     policy = TransferPolicy(
         blksize_max=args.blksize_max, windowsize_max=args.windowsize_max,
+        timeout_max=args.timeout_max,
         mtu_clamp=args.mtu_clamp, retransmit_timeout=args.retransmit, retries=args.retries,
         read_ahead=args.read_ahead, max_transfer_seconds=args.max_transfer_seconds,
         spin_seconds=args.spin_us / 1e6, compiled_lane=not args.python_lane,

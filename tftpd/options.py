@@ -32,6 +32,11 @@ class TransferPolicy:
     mtu_clamp: bool = False
     #: Seconds before a retransmission when the client did not ask for the ``timeout`` option.
     retransmit_timeout: float = 1.0
+    #: Largest ``timeout`` option accepted, seconds.  A larger one is declined (left out of
+    #: the OACK: RFC 2349 lets a server decline the option, not change its value), so that one
+    #: request -- from a spoofed address, answered by no one -- cannot hold a transfer slot
+    #: for its retries times 255 s.
+    timeout_max: int = 30
     #: Retransmissions of the same window before the transfer is given up.
     retries: int = 5
     #: Bytes read from the file per worker-thread call (per session, on top of the window);
@@ -109,7 +114,7 @@ def negotiate(
             windowsize = min(value, policy.windowsize_max, WINDOWSIZE_MAX)
             oack[name] = str(windowsize)
         elif name == "timeout":
-            if value is None or not TIMEOUT_MIN <= value <= TIMEOUT_MAX:
+            if value is None or not TIMEOUT_MIN <= value <= min(TIMEOUT_MAX, policy.timeout_max):
                 continue
             timeout = float(value)
             oack[name] = str(value)

@@ -40,7 +40,7 @@ from .opener import OpenerPool
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
 from .pump import Pump
 from .roots import ClientRoots, normalise_ip
-from .session import Session, SessionContext, SessionResult, TransferPolicy
+from .session import Session, SessionContext, SessionResult, TransferPolicy, quoted
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,6 @@ class ServerStats:
         return asdict(self)
 
 
-def _loggable(name: str, limit: int = 160) -> str:
-    """A client-chosen name for a log line: repr() escapes control characters (no forged log
-    lines), and the length is bounded (names can be 64 KiB)."""
-    text = repr(name)
-    return text if len(text) <= limit else text[: limit - 5] + "...'"
-
-
 def _outcome_counter(outcome: str) -> str:
     if outcome in ("ok", "ok-unconfirmed"):
         return "completed"
@@ -193,8 +186,9 @@ def _outcome_counter(outcome: str) -> str:
 
 
 class _TokenBucket:
-    """Bounds ERROR replies from listen sockets, so spoofed garbage cannot turn us into a
-    reflector."""
+    """Bounds ERROR replies to requests refused before any file is looked at (from listen
+    sockets, and a session's refusal of an upload, a mode or a path), so spoofed garbage
+    cannot turn us into a reflector."""
 
     def __init__(self, rate: float) -> None:
         self._rate = rate
@@ -251,6 +245,11 @@ def _pktinfo_cmsg(family: int, local: str, ifindex: int) -> tuple[int, int, byte
     if family == socket.AF_INET6 and addr.version == 6:
         return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
                 struct.pack("=16si", addr.packed, ifindex))
+    if family == socket.AF_INET6 and addr.version == 4:
+        # An IPv4 client of a dual-stack listener: Linux takes the v4-mapped address.
+        mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
+        return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                struct.pack("=16si", mapped.packed, ifindex))
     return None
 
 
@@ -457,11 +456,12 @@ class TftpServer:
                         "reinstall with gcc and python3-dev present")
         self.opener = opener = OpenerPool(self._roots, self._limiter, watcher=pump)
         inline = self._inline_opener()
+        buckets = _TokenBucket(self.config.error_replies_per_second)
         ctx = SessionContext(
             roots=self._roots, policy=policy, limiter=self._limiter, pump=pump,
             active=lambda: self.stats.active, opener=opener, inline=inline,
+            may_refuse=buckets.take,
         )
-        buckets = _TokenBucket(self.config.error_replies_per_second)
         self._listening = [(s, s.getsockname()[0]) for s in raw]
         handoff = self._handoff
         try:
@@ -617,7 +617,7 @@ class TftpServer:
         if key in self._active:
             self.stats.duplicate_requests += 1
             log.debug("retransmitted request ignored client=%s port=%d file=%s", client, port,
-                      _loggable(packet.filename))
+                      quoted(packet.filename, 160))
             return
         if self._stopping or self.limits.stopping:
             return
@@ -646,12 +646,12 @@ class TftpServer:
         self.stats.busy_rejections += 1
         if refused == BUSY:
             log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
-                        _loggable(packet.filename), cfg.max_sessions)
+                        quoted(packet.filename, 160), cfg.max_sessions)
             message = f"server busy: {cfg.max_sessions} transfers running, retry later"
         else:
             assert refused == PER_IP, refused
             log.warning("busy: per-client limit reached client=%s file=%s limit=%d", client,
-                        _loggable(packet.filename), cfg.max_sessions_per_ip)
+                        quoted(packet.filename, 160), cfg.max_sessions_per_ip)
             message = (f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, "
                        "retry later")
         self._reply_error(sock, addr, ERR_NOT_DEFINED, message, bucket, dest)
@@ -822,9 +822,9 @@ class TftpServer:
         opts = ",".join(f"{k}={v}" for k, v in res.options.items()) or "-"
         log.log(level, "transfer client=%s port=%d file=%s bytes=%d seconds=%.3f MB/s=%.2f "
                 "options=%s retransmits=%d dup_acks=%d outcome=%s%s",
-                res.client, res.port, _loggable(res.filename), res.bytes_sent, res.seconds, rate,
+                res.client, res.port, quoted(res.filename, 160), res.bytes_sent, res.seconds, rate,
                 opts, res.retransmits, res.duplicate_acks, res.outcome,
-                f" detail={res.detail!r}" if res.detail else "")
+                f" detail={quoted(res.detail, 400)}" if res.detail else "")
 
 
 async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = (

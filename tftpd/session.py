@@ -58,6 +58,14 @@ IP_MTU = 14  # linux/in.h; not exported by Python 3.11's socket module
 IPV6_MTU = 24  # linux/in6.h
 
 
+def quoted(text: str, limit: int = 40) -> str:
+    """Client-chosen text quoted for an ERROR packet or a log line: escaped by ``repr`` (no
+    forged log lines) and cut to ``limit`` characters (a name, a mode or an ERROR message may
+    be tens of kilobytes, and an answer must not echo a request's bulk back to a spoofed
+    source)."""
+    text = repr(text)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
 
 @dataclass
 class SessionResult:
@@ -80,6 +88,7 @@ class SessionResult:
     opened_inline: bool = False
 
 
+
 @dataclass
 class SessionContext:
     """What a session needs from its server; one instance shared by all sessions."""
@@ -98,6 +107,11 @@ class SessionContext:
     #: Opens what needs no waiting on the event loop, before the helper is asked
     #: (tftpd/inline_open.py); None: always the helper.
     inline: InlineOpener | None = None
+    #: Whether a refusal made before any file is looked at (an upload, a mode, a path) may
+    #: send its ERROR now: the server's ERROR rate limit, shared with its listen sockets.
+    #: Such a request costs a spoofer one datagram and ends at once (so no per-client limit
+    #: bounds it); "file not found" is not limited (firmware probes many names).
+    may_refuse: Callable[[], bool] = lambda: True
 
 
 class Session:
@@ -241,7 +255,7 @@ class Session:
             res.detail = str(exc)
         elif isinstance(exc, ClientError):
             res.outcome = "aborted-by-client"
-            res.detail = f"code={exc.code} message={exc.message!r}"
+            res.detail = f"code={exc.code} message={quoted(exc.message, 200)}"
         elif isinstance(exc, TimedOut):
             res.outcome = "timeout"
             self.send_error_nowait(ERR_NOT_DEFINED, "transfer timed out")
@@ -316,9 +330,14 @@ class Session:
 
     # -- the steps ------------------------------------------------------------------------------
 
-    def _refuse(self, code: int, message: str, outcome: str) -> None:
+    def _refuse(self, code: int, message: str, outcome: str, *, limited: bool = False) -> None:
+        """Refuse the request with ERROR ``code``; ``limited``: only if the server's ERROR
+        rate allows (else the refusal is logged and counted, without its ERROR)."""
         self.result.outcome = outcome
         self.result.detail = message
+        if limited and not self._ctx.may_refuse():
+            self.result.detail += " (no ERROR sent: the server's ERROR rate limit)"
+            return
         self.send_error_nowait(code, message)
 
     def _refuse_open(self, exc: OpenRefused) -> None:
@@ -333,20 +352,20 @@ class Session:
             self._refuse(
                 ERR_ACCESS_VIOLATION,
                 "uploads are not supported: this TFTP server is read-only",
-                "refused-write",
+                "refused-write", limited=True,
             )
             return None
         if req.mode not in ("octet", "netascii"):
             self._refuse(
                 ERR_ILLEGAL_OPERATION,
-                f"transfer mode {req.mode!r} is not supported (use octet or netascii)",
-                "refused-mode",
+                f"transfer mode {quoted(req.mode)} is not supported (use octet or netascii)",
+                "refused-mode", limited=True,
             )
             return None
         try:
             return normalise(req.filename)
         except PathRefused as exc:
-            self._refuse(ERR_ACCESS_VIOLATION, str(exc), "refused-path")
+            self._refuse(ERR_ACCESS_VIOLATION, str(exc), "refused-path", limited=True)
             return None
 
     def _small(self) -> int:

@@ -33,6 +33,19 @@ def test_clamps_and_ignores() -> None:
         assert (neg.blksize, neg.windowsize) == (512, 1)
 
 
+def test_a_timeout_above_the_operators_limit_is_declined_not_lowered() -> None:
+    """RFC 2349: the server may decline the option, not answer another value.  Declined, the
+    transfer runs on our own interval, so a spoofed request with timeout=255 cannot hold a
+    slot for its retries times 255 s."""
+    for value, answered in (("30", True), ("31", False), ("255", False)):
+        neg = negotiate({"timeout": value, "blksize": "1024"}, POLICY, tsize=0)
+        assert ("timeout" in neg.oack) is answered, value
+        assert neg.timeout == (float(value) if answered else POLICY.retransmit_timeout)
+        assert neg.oack["blksize"] == "1024"  # the other options are answered as before
+    wide = TransferPolicy(timeout_max=255)
+    assert negotiate({"timeout": "255"}, wide, tsize=0).oack == {"timeout": "255"}
+
+
 def test_mtu_cap() -> None:
     neg = negotiate({"blksize": "9000"}, TransferPolicy(blksize_max=65464), tsize=0,
                     blksize_cap=1472)
@@ -54,3 +67,5 @@ def test_never_answers_unasked_and_stays_in_range(options: dict[str, str]) -> No
         assert int(neg.oack["blksize"]) == neg.blksize
     if "tsize" in neg.oack:
         assert neg.oack["tsize"] == "42"
+    if "timeout" in neg.oack:
+        assert 1 <= int(neg.oack["timeout"]) <= POLICY.timeout_max

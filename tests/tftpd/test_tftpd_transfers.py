@@ -141,12 +141,17 @@ async def test_errors_are_clear(tree: Path, caplog: pytest.LogCaptureFixture) ->
         with pytest.raises(TftpError) as exc:
             await fetch(addr, "whoami", mode="mail", bind=CLIENT_A)
         assert exc.value.code == 4 and "mode" in exc.value.message
+        with RawClient(addr, CLIENT_A) as c:  # a mode of 60 KB: echoed neither whole nor raw
+            c.send_raw(b"\x00\x01whoami\x00" + b"\x01" * 60000 + b"\x00")
+            err = await c.expect(Error)
+            assert err.code == 4 and len(err.message) < 100 and "\\x01" in err.message
         with RawClient(addr, CLIENT_A) as c:
             c.send_raw(packets.encode_request(packets.OP_WRQ, "upload", "octet", {}))
             err = await c.expect(Error)
             assert err.code == 2 and "uploads are not supported" in err.message
     assert server.stats.not_found == 1
-    assert server.stats.refused == 3
+    assert server.stats.refused == 4
+    assert max(len(r.getMessage()) for r in caplog.records) < 2000
     nf = [r for r in caplog.records if "no-such-file" in r.getMessage()]
     assert len(nf) == 1 and nf[0].levelno == logging.INFO  # probes are normal
 
@@ -432,6 +437,43 @@ async def test_replies_come_from_the_address_the_request_went_to(tree: Path) -> 
                 got = await c.recv()
                 assert got is not None and isinstance(got[0], Error)
                 assert got[1] == (dest, port)
+
+
+async def test_a_dual_stack_listener_answers_ipv4_from_the_address_the_request_went_to(
+        tree: Path) -> None:
+    """The same on the default listener, dual-stack ``[::]``: an IPv4 client's refusal from
+    the listen socket comes from the address it sent to (IPV6_PKTINFO with the v4-mapped
+    address), not from whatever the route picks."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+    sock.bind(("::", 0))
+    port = sock.getsockname()[1]
+    async with running(tree, listen=(), inherited_fds=(sock.detach(),)) as (_server, _addr):
+        for dest in ("127.0.0.2", "127.0.0.3"):
+            with RawClient((dest, port), CLIENT_A) as c:
+                c.send_raw(b"\x00\x09junk")  # malformed: ERROR 4 from the listen socket
+                got = await c.recv()
+                assert got is not None and isinstance(got[0], Error)
+                assert got[1] == (dest, port)
+
+
+async def test_refusals_before_any_file_share_the_error_rate_limit(tree: Path) -> None:
+    """Uploads, modes and paths are refused from a session socket, and such a session ends at
+    once (no per-client limit holds them): from a spoofed source they would make us a
+    reflector, so their ERRORs take from the listen sockets' rate limit (1/s, burst 2 here).
+    Every refusal is still logged and counted."""
+    async with running(tree, error_replies_per_second=1.0) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            for i in range(30):
+                c.send_raw(b"\x00\x02a\x00octet\x00" if i % 2 else b"\x00\x01a\x00\x00")
+                await trio.sleep(0.005)
+            errors = [p for p in await c.quiet(1.0) if isinstance(p, Error)]
+        assert 1 <= len(errors) <= 3
+        with pytest.raises(TftpError) as exc:  # "file not found" is never held back
+            await fetch(addr, "no-such-file", bind=CLIENT_A)
+        assert exc.value.code == 1
+    assert server.stats.refused == 30
 
 
 async def test_no_descriptor_leaks_whatever_the_outcome(tree: Path) -> None:
