@@ -51,9 +51,10 @@ class PassedPorts:
     could have ended (``until``, given with :meth:`add`), every request from such a port is
     passed to the same worker (see the module docstring).  An entry whose end was never
     reported (a lost message, a worker that died) expires, and once ``bound`` entries are
-    held the expired ones are swept at the next :meth:`add`; a live one is never dropped
-    (it stands for a transfer running elsewhere, counted in the limits).  Pure
-    bookkeeping: the caller gives the time (trio's clock in the server).
+    held the expired ones are swept by :meth:`has_room`; a live one is never dropped (it
+    stands for a transfer running elsewhere, counted in the limits), so a full table means
+    the next request is served where it arrived.  Pure bookkeeping: the caller gives the
+    time (trio's clock in the server).
     """
 
     def __init__(self, bound: int) -> None:
@@ -69,12 +70,19 @@ class PassedPorts:
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return iter(self._ports)
 
-    def add(self, key: tuple[str, int], worker: int, until: float, now: float) -> None:
-        """The request from client port ``key`` went to ``worker``, whose transfer can run
-        until ``until`` at the longest."""
+    def has_room(self, now: float) -> bool:
+        """Whether one more entry may be added, the expired ones swept first once ``bound``
+        are held.  When not (ends never reported, e.g. a peer's inbox kept full), the caller
+        serves the request where it arrived instead of passing it: the table stays bounded,
+        and no live entry is dropped."""
         if len(self._ports) >= self._bound:
             for old in [k for k, (_, end) in self._ports.items() if end <= now]:
                 del self._ports[old]
+        return len(self._ports) < self._bound
+
+    def add(self, key: tuple[str, int], worker: int, until: float) -> None:
+        """The request from client port ``key`` went to ``worker``, whose transfer can run
+        until ``until`` at the longest (after :meth:`has_room`)."""
         self._ports[key] = (worker, until)
 
     def worker_for(self, key: tuple[str, int], now: float) -> int | None:

@@ -631,10 +631,11 @@ class TftpServer:
             self._refuse(sock, addr, client, packet, refused, bucket, dest)
             return
         if handoff is not None and chosen != handoff.worker:
-            if handoff.pass_request(chosen, listener, addr, dest, data) is None:
+            now = trio.current_time()
+            if (self._passed.has_room(now)
+                    and handoff.pass_request(chosen, listener, addr, dest, data) is None):
                 self.stats.handed_off += 1
-                now = trio.current_time()
-                self._passed.add(key, chosen, now + self._passed_lifetime(), now)
+                self._passed.add(key, chosen, now + self._passed_lifetime())
                 return
             self.limits.moved(chosen, handoff.worker)  # served here after all
         self._start_session(sock, packet, addr, dest, bound_host, ctx, bucket)

@@ -37,8 +37,8 @@ from .helpers import FAST, RawClient, file_sha256, make_config
 def test_passed_ports_name_the_worker_until_the_end_or_expiry() -> None:
     ports = PassedPorts(bound=8)
     a, b = ("10.0.0.5", 4000), ("10.0.0.6", 4000)
-    ports.add(a, 1, until=10.0, now=0.0)
-    ports.add(b, 2, until=5.0, now=0.0)
+    ports.add(a, 1, until=10.0)
+    ports.add(b, 2, until=5.0)
     assert a in ports and len(ports) == 2
     assert ports.worker_for(a, now=4.0) == 1 and ports.worker_for(b, now=4.0) == 2
     assert ports.worker_for(("10.0.0.5", 4001), now=4.0) is None  # another port: not passed
@@ -52,11 +52,15 @@ def test_passed_ports_name_the_worker_until_the_end_or_expiry() -> None:
 def test_passed_ports_drop_expired_entries_when_full_and_keep_live_ones() -> None:
     ports = PassedPorts(bound=4)
     for i in range(4):  # ends never reported: two expire at 5, two run until 50
-        ports.add(("10.0.0.5", 4000 + i), 1, until=5.0 if i < 2 else 50.0, now=0.0)
-    ports.add(("10.0.0.9", 4000), 1, until=60.0, now=10.0)
+        assert ports.has_room(0.0)
+        ports.add(("10.0.0.5", 4000 + i), 1, until=5.0 if i < 2 else 50.0)
+    assert ports.has_room(10.0)  # full: the two expired ones are swept
+    ports.add(("10.0.0.9", 4000), 1, until=60.0)
     assert sorted(p for _, p in ports) == [4000, 4002, 4003]
-    # Nothing expired: the bound is a trigger, never a reason to drop a live entry.
-    ports.add(("10.0.0.9", 4001), 1, until=60.0, now=10.0)
+    ports.add(("10.0.0.9", 4001), 1, until=60.0)
+    # Nothing expired now: no room, and no live entry is dropped for one (the request is
+    # then served where it arrived, so a peer whose ends never come cannot grow the table).
+    assert not ports.has_room(10.0)
     assert len(ports) == 4
 
 
@@ -71,8 +75,10 @@ def test_passed_ports_answer_like_a_plain_map_with_deadlines(ops) -> None:
     for op, port, worker, step in ops:
         key = ("10.0.0.5", port)
         if op == "add":
-            ports.add(key, worker, now + step, now)
-            model[key] = (worker, now + step)
+            if ports.has_room(now) or key in ports:
+                ports.add(key, worker, now + step)
+                model[key] = (worker, now + step)
+            assert len(ports) <= 3
         elif op == "forget":
             ports.forget(key)
             model.pop(key, None)
@@ -254,7 +260,7 @@ async def test_a_passed_request_the_worker_cannot_start_is_released(
         if why == "stopping":
             second._stopping = True
         assert limits.admit("127.0.0.10", 1) is None  # what worker 0 counted before passing
-        first._passed.add(("127.0.0.10", 4000), 1, trio.current_time() + 60, trio.current_time())
+        first._passed.add(("127.0.0.10", 4000), 1, trio.current_time() + 60)
         data = packets.encode_request(packets.OP_RRQ, "whoami", "octet", {})
         assert first._handoff is not None
         assert first._handoff.pass_request(1, 0 if why == "stopping" else 7,
@@ -301,7 +307,7 @@ async def test_a_port_passed_to_a_worker_that_died_is_served_here(tree: Path) ->
         assert first._handoff is not None
         with RawClient(addr, CLIENT_A) as c:
             key = (CLIENT_A, c.sock.getsockname()[1])
-            first._passed.add(key, 1, trio.current_time() + 60, trio.current_time())
+            first._passed.add(key, 1, trio.current_time() + 60)
             first._handoff._out[1].close()  # worker 1 is gone
             c.rrq("whoami")
             data = await c.expect(packets.Data)
