@@ -344,15 +344,57 @@ class GuestDisk:
 
     def _mount(self) -> None:
         for dev, mountpoint, opts, label in self.devices:
+            target = self._g(mountpoint)
             try:
-                self.g.mount_options(opts, dev, self._g(mountpoint))
-            except RuntimeError as e:
+                self._check_mountpoint(mountpoint, label)
+                before = self._mountpoints()
+                self.g.mount_options(opts, dev, target)
+                landed = self._mountpoints() - before
+                if landed != {target}:
+                    for where in landed:
+                        self.g.umount(where)
+                    where = ", ".join(sorted(landed)) or "no path of the appliance's sysroot"
+                    raise GuestError(errno.EACCES, f"{label} ({dev}) at {mountpoint}: the mount "
+                                     f"landed on {where}, not on the disk's {mountpoint}: "
+                                     "refused")
+            except (RuntimeError, GuestError) as e:
                 self.umount()
+                if isinstance(e, GuestError):
+                    raise
                 raise GuestError(errno_of(e), f"mounting {label} ({dev}) at {mountpoint}: "
                                  f"{e}") from None
-            self.mounted.append(self._g(mountpoint))
+            self.mounted.append(target)
         self._lstat.clear()
         self._link.clear()
+
+    def _check_mountpoint(self, mountpoint: str, label: str) -> None:
+        """Refuse a mountpoint with a symlink on the way, before mounting on it.
+
+        The appliance mounts on a path, and mount(8) follows symlinks in it -- outside the
+        guest tree, in the appliance, where the other clients' disks of this appliance are:
+        a client that makes its own `/boot` a link to `../1/boot` would mount its partition
+        over another client's tree.  So every component must be a plain directory (checked
+        from the top, so each check's parents are checked ones), and `_mount` checks where the
+        mount really landed afterwards (the disk can change in between)."""
+        parts = [p for p in mountpoint.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            path = "/" + "/".join(parts[:i])
+            try:
+                st = self.g.lstatns(self._g(path))
+            except RuntimeError as e:
+                raise GuestError(errno_of(e), f"{label} at {mountpoint}: {path} on the disk: "
+                                 f"{e}") from None
+            if stat.S_ISLNK(st["st_mode"]):
+                raise GuestError(errno.EACCES, f"{label} at {mountpoint}: {path} on the disk "
+                                 "is a symlink; a mountpoint must be a directory")
+            if not stat.S_ISDIR(st["st_mode"]):
+                raise GuestError(errno.ENOTDIR, f"{label} at {mountpoint}: {path} on the disk "
+                                 "is not a directory")
+
+    def _mountpoints(self) -> set[str]:
+        """Where the appliance has filesystems mounted, as paths of its sysroot."""
+        found = self.g.mountpoints()
+        return set(found.values() if isinstance(found, dict) else (m for _, m in found))
 
     def umount(self) -> None:
         while self.mounted:
@@ -530,7 +572,31 @@ class GuestDisk:
                 return self.g.pread(self._g(path), count, at)
             except RuntimeError as e:
                 raise GuestError(errno_of(e), str(e)) from None
-        return read_exact(one, size, offset, chunk=PREAD_CHUNK)
+        data = read_exact(one, size, offset, chunk=PREAD_CHUNK)
+        self._still_unlinked(path)
+        return data
+
+    def _still_unlinked(self, path: str) -> None:
+        """Refuse what was just read from `path` if a symlink now lies on its way.
+
+        `path` is resolved (`resolve`: no links left in it), but the appliance opens it in its
+        whole sysroot, following links, where the other clients' disks of this appliance are
+        too.  The live client may have replaced a component with a link since (into `/1/...`,
+        the next disk), and once the appliance re-reads its disk (a cache drop, another
+        disk's refresh) that read would be another client's file.  The kernel's own answer,
+        `realpath` right after the read, finds any such link; then the read is refused and
+        the snapshot forgotten.  (To be fooled it would take a link to appear and vanish
+        again, both seen by the appliance, within one read.)"""
+        want = self._g(path)
+        try:
+            real = self.g.realpath(want)
+        except RuntimeError as e:
+            raise GuestError(errno_of(e), str(e)) from None
+        if real != want:
+            self._lstat.clear()
+            self._link.clear()
+            raise GuestError(errno.ESTALE, f"{path} changed on the disk while it was read "
+                             "(a link now on its way): refused; read again after a refresh")
 
 
 def _one_line(text: str) -> str:
