@@ -24,6 +24,7 @@ import os
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from . import packets
 from .handoff import Handoff, PassedPorts, PassedRequest
 from .inline_open import InlineOpener
 from .limits import BUSY, PER_IP, SessionLimits
+from .logthrottle import LogThrottle
 from .opener import OpenerPool
 from .packets import ERR_ILLEGAL_OPERATION, ERR_NOT_DEFINED, MAX_DATAGRAM, MalformedPacket
 from .pump import Pump
@@ -259,6 +261,8 @@ class TftpServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.stats = ServerStats()
+        #: Lines about refused and ignored datagrams, bounded per kind (a flood is free).
+        self._noise = LogThrottle(log)
         self.addresses: list[tuple[str, int]] = []
         self._roots = ClientRoots(
             Path(config.root), flat=config.flat,
@@ -596,19 +600,25 @@ class TftpServer:
         port = addr[1]
         if port == 0:
             self.stats.stray_datagrams += 1
+            self._noise.log("port0", time.monotonic(), logging.INFO,
+                            "datagram from port 0 ignored client=%s", client)
             return
         dest = _destination(ancdata)
         try:
             packet = packets.parse(data)
         except MalformedPacket as exc:
             self.stats.malformed += 1
-            log.debug("malformed request client=%s port=%d error=%s", client, port, exc)
+            self._noise.log("malformed", time.monotonic(), logging.INFO,
+                            "malformed request client=%s port=%d error=%s", client, port, exc)
             self._reply_error(sock, addr, ERR_ILLEGAL_OPERATION, str(exc), bucket, dest)
             return
         if not isinstance(packet, packets.Request):
             # DATA/ACK/OACK/ERROR belong to a session port; answering them here could start a
-            # ping-pong with another server.  Stay silent.
+            # ping-pong with another server.  Stay silent to the client.
             self.stats.stray_datagrams += 1
+            self._noise.log("stray", time.monotonic(), logging.INFO,
+                            "%s at the listen port ignored client=%s port=%d",
+                            type(packet).__name__, client, port)
             return
         self.stats.requests += 1
         key = (client, port)
@@ -620,6 +630,11 @@ class TftpServer:
                       quoted(packet.filename, 160))
             return
         if self._stopping or self.limits.stopping:
+            # Not answered: an ERROR makes firmware give up the boot, while its retry in a
+            # few seconds reaches the restarted server (or another one).
+            self._noise.log("stopping", time.monotonic(), logging.INFO,
+                            "request not answered: the server is stopping client=%s file=%s",
+                            client, quoted(packet.filename, 160))
             return
         handoff = self._handoff
         if handoff is None:
@@ -645,14 +660,17 @@ class TftpServer:
         """Answer a request the limits refused (``refused``: BUSY or PER_IP)."""
         cfg = self.config
         self.stats.busy_rejections += 1
+        now = time.monotonic()
         if refused == BUSY:
-            log.warning("busy: session limit reached client=%s file=%s limit=%d", client,
-                        quoted(packet.filename, 160), cfg.max_sessions)
+            self._noise.log("busy", now, logging.WARNING,
+                            "busy: session limit reached client=%s file=%s limit=%d", client,
+                            quoted(packet.filename, 160), cfg.max_sessions)
             message = f"server busy: {cfg.max_sessions} transfers running, retry later"
         else:
             assert refused == PER_IP, refused
-            log.warning("busy: per-client limit reached client=%s file=%s limit=%d", client,
-                        quoted(packet.filename, 160), cfg.max_sessions_per_ip)
+            self._noise.log("per-ip", now, logging.WARNING,
+                            "busy: per-client limit reached client=%s file=%s limit=%d", client,
+                            quoted(packet.filename, 160), cfg.max_sessions_per_ip)
             message = (f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, "
                        "retry later")
         self._reply_error(sock, addr, ERR_NOT_DEFINED, message, bucket, dest)

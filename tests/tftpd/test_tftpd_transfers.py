@@ -464,6 +464,37 @@ async def test_refusals_before_any_file_share_the_error_rate_limit(tree: Path) -
     assert server.stats.refused == 30
 
 
+async def test_what_is_refused_or_ignored_at_the_listen_port_is_logged_within_bounds(
+        tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every refused or ignored datagram reaches the log, but a flood of them does not fill
+    it: 10 lines a second per kind, then the next line says how many were left out.  A
+    request that comes while the server stops is not answered (firmware would give up the
+    boot on an ERROR, and its retry reaches the restarted server), but it is logged."""
+    caplog.set_level(logging.INFO, logger="tftpd")
+    async with running(tree, error_replies_per_second=1e6) as (server, addr):
+        with RawClient(addr, CLIENT_A) as c:
+            for _ in range(30):
+                c.send_raw(b"\x00\x09junk")
+            c.send_raw(packets.encode_ack(1))  # an ACK at the listen port: ignored, said
+            await c.quiet(0.3)
+            malformed = [r.getMessage() for r in caplog.records
+                         if r.getMessage().startswith("malformed request")]
+            assert len(malformed) == 10
+            await trio.sleep(1.1)
+            c.send_raw(b"\x00\x09junk")
+            await c.quiet(0.2)
+        last = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("malformed request")][-1]
+        assert last.endswith("(20 similar lines left out)")
+        assert any("Ack at the listen port ignored" in r.getMessage() for r in caplog.records)
+        server.limits.stop()
+        with RawClient(addr, CLIENT_A) as c:
+            c.rrq("whoami")
+            assert await c.quiet(0.3) == []
+    assert server.stats.malformed == 31
+    assert any("the server is stopping" in r.getMessage() for r in caplog.records)
+
+
 async def test_no_descriptor_leaks_whatever_the_outcome(tree: Path) -> None:
     """Completed, timed out, aborted, refused, client gone: every file and socket is closed."""
     def open_fds() -> int:
