@@ -127,9 +127,12 @@ def _parse_options(tokens: list[bytes]) -> dict[str, str]:
     """Option name/value pairs; lenient where firmware is sloppy, never raising.
 
     Non-ASCII names cannot be options we know, so they are skipped like unknown options.  A
-    dangling name without a value (padding, truncated requests) is ignored.
+    dangling name without a value (padding, truncated requests) is ignored, and so is a
+    value without its NUL: ``tokens``' last element is what followed the last NUL, and a
+    request cut short (``blksize\0146`` of ``1468``) must not be taken at its word.
     """
     options: dict[str, str] = {}
+    tokens = tokens[:-1]  # the terminated ones
     for i in range(0, len(tokens) - 1, 2):
         raw_name, raw_value = tokens[i], tokens[i + 1]
         if not raw_name:

@@ -151,6 +151,15 @@ def test_first_occurrence_of_a_repeated_option_wins() -> None:
     assert packets.parse(wire).options == {"blksize": "512"}  # type: ignore[union-attr]
 
 
+def test_an_option_value_cut_short_is_ignored() -> None:
+    """A request truncated inside its last value (``1468`` arriving as ``146``) is not taken
+    at its word: only values ended by their NUL count."""
+    cut = b"\x00\x01f\x00octet\x00tsize\x000\x00blksize\x00146"
+    assert packets.parse(cut).options == {"tsize": "0"}  # type: ignore[union-attr]
+    assert packets.parse(cut + b"8\x00").options == {  # type: ignore[union-attr]
+        "tsize": "0", "blksize": "1468"}
+
+
 def test_error_without_terminator_and_short_error() -> None:
     assert packets.parse(b"\x00\x05\x00\x08Early terminate") == Error(8, "Early terminate")
     assert packets.parse(b"\x00\x05\x00\x00") == Error(0, "")
