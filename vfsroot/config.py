@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import pathlib
 import posixpath
 import re
+import stat
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +53,8 @@ _VG_LV = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}\Z")
 _DEVICE = re.compile(r"^/dev/sda([1-9][0-9]{0,2})?\Z")
 _TOP_FIELDS = {"url", "mounts", "tftp_root"}
 _MOUNT_SOURCES = ("partition", "device", "lv")
+#: An IPv6 zone (``fe80::1%eth0``): an interface name, nothing that could end the host.
+_SCOPE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 class ConfigError(ValueError):
@@ -178,6 +182,8 @@ def parse_url(text: object, path: pathlib.Path | str = "<config>", field: str = 
         host = parts.hostname or ""
         if not host:
             raise fail("nbd:// needs a host, e.g. nbd://10.0.0.5:10809/export")
+        if "%" in host and not _SCOPE.fullmatch(host.partition("%")[2]):
+            raise fail(f"host {host!r}: an IPv6 zone may only contain letters, digits and ._-")
         try:
             host = str(ipaddress.ip_address(host))
         except ValueError:
@@ -281,7 +287,13 @@ def load_config(path: pathlib.Path) -> DiskConfig:
     """Read and validate `path`; raises `ConfigError` (also for I/O problems) or
     FileNotFoundError when the file is gone (which is not a config error: no disk)."""
     try:
-        with path.open("rb") as f:
+        # O_NONBLOCK and a regular file only: this runs on the daemon's event loop, and a
+        # FIFO (or a link to one) named <ip>.nbd would otherwise wait for a writer forever,
+        # with every client's lookups behind it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(path, "", "not a regular file")
             data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise
@@ -346,6 +358,11 @@ def _parse_mounts(value: Any, path: pathlib.Path | str) -> tuple[MountSpec, ...]
             raise ConfigError(path, f"{field}.mountpoint", "only the first filesystem may be /")
         if mountpoint in seen:
             raise ConfigError(path, f"{field}.mountpoint", f"{mountpoint} is mounted twice")
+        hidden = sorted(m for m in seen if m != "/" and m.startswith(mountpoint + "/"))
+        if hidden:
+            raise ConfigError(path, f"{field}.mountpoint",
+                              f"{mountpoint} would hide {', '.join(hidden)}, mounted before it "
+                              "(filesystems are mounted in the order listed: list it first)")
         seen.add(mountpoint)
         out.append(MountSpec(partition=partition, lv=lv, mountpoint=mountpoint))
     return tuple(out)
@@ -361,6 +378,10 @@ def _guest_path(value: Any, path: pathlib.Path | str, field: str) -> str:
         raise ConfigError(path, field, "must be at most 1024 characters, no control characters")
     if ".." in value.split("/"):
         raise ConfigError(path, field, f"must not contain '..': {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(path, field, f"is not valid Unicode text: {value!r}") from None
     return posixpath.normpath("/" + value.lstrip("/"))
 
 

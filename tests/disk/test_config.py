@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import pathlib
 import posixpath
+import threading
 
 import pytest
 from hypothesis import given
@@ -263,3 +265,54 @@ def test_arbitrary_json_never_crashes(doc: object) -> None:
 def test_deeply_nested_json_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="nested too deeply"):
         parse_config(b"[" * 3000, "x.nbd")
+
+
+def test_a_fifo_named_ip_nbd_is_an_error_not_a_stall(tmp_path: pathlib.Path) -> None:
+    """The daemon reads configs on its event loop (watcher, poll, every lookup): a FIFO there
+    would block every client's view until something wrote to it."""
+    path = tmp_path / "10.0.0.1.nbd"
+    os.mkfifo(path)
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(load_config(path))
+        except BaseException as e:  # noqa: BLE001
+            result.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(2.0)
+    stalled = t.is_alive()
+    if stalled:  # release the blocked open() so the thread ends
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5.0)
+    assert not stalled, "load_config blocked on a FIFO (the event loop would stall)"
+    assert isinstance(result[0], ConfigError)
+    assert "10.0.0.1.nbd" in str(result[0]) and "not a regular file" in str(result[0])
+
+
+def test_an_ipv6_zone_cannot_carry_separators_into_the_server_string() -> None:
+    with pytest.raises(ConfigError, match="zone"):
+        parse_url("nbd://[fe80::1%eth0,file=x]:10809/root", "10.0.0.1.nbd")
+    assert parse_url("nbd://[fe80::1%eth0]:10809/root", "10.0.0.1.nbd").port == 10809
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tftp_root", "/boot\ud800"),
+    ("mounts", [{"partition": 1, "mountpoint": "/"}, {"partition": 2, "mountpoint": "/\udc80"}]),
+])
+def test_a_path_that_is_not_unicode_text_is_a_config_error(field: str, value: object) -> None:
+    """A lone surrogate would fail only at attach, as EIO retried with backoff."""
+    with pytest.raises(ConfigError, match=field):
+        parse_config(cfg(**{field: value}), "10.0.0.1.nbd")
+
+
+def test_a_mount_that_would_hide_an_earlier_one_is_refused() -> None:
+    """Mounted in the order listed, /boot over /boot/efi would hide the EFI filesystem."""
+    mounts = [{"partition": 1, "mountpoint": "/"}, {"partition": 2, "mountpoint": "/boot/efi"},
+              {"partition": 3, "mountpoint": "/boot"}]
+    with pytest.raises(ConfigError, match=r"mounts\[2\].*would hide /boot/efi"):
+        parse_config(cfg(mounts=mounts), "10.0.0.1.nbd")
+    ordered = [mounts[0], mounts[2], mounts[1]]
+    assert len(parse_config(cfg(mounts=ordered), "10.0.0.1.nbd").mounts) == 3
