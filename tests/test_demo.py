@@ -122,3 +122,30 @@ def test_demo_serves_every_layer_and_stops_cleanly(demo) -> None:
     assert mounted_fstype(mount) is None
     leftovers = subprocess.run(["pgrep", "-f", str(mount)], capture_output=True, text=True)
     assert leftovers.stdout == "", leftovers.stdout
+
+
+def test_the_demo_refuses_a_mountpoint_in_use_and_leaves_it_mounted(tmp_path: Path) -> None:
+    """By default the demo mounts at /run/vfsroot, the systemd service's mountpoint: a mount
+    already there is refused, and never unmounted on the way out."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "someone-else", str(mount)], check=True)
+    try:
+        (mount / "theirs").write_text("in use\n")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "vfsroot.demo", "--mount", str(mount),
+             "--workdir", str(tmp_path / "work"), "--tftp-listen", f"127.0.0.1:{port}"],
+            capture_output=True, timeout=120)
+        assert proc.returncode != 0
+        assert b"already mounted" in proc.stderr
+        assert mounted_fstype(mount) == "tmpfs", (
+            "the demo unmounted a filesystem it did not mount:\n"
+            + proc.stdout.decode() + proc.stderr.decode())
+    finally:
+        if mounted_fstype(mount) is not None:
+            subprocess.run(["umount", "-l", str(mount)], check=False)

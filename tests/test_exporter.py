@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -75,3 +76,56 @@ def test_bucket_counts_merge_across_processes() -> None:
     assert got[("x_seconds_bucket", "+Inf")] == 5
     assert got[("x_seconds_count", None)] == 5
     assert got[("x_seconds_sum", None)] == 16.5
+
+
+#: Longer than the endpoint's timeout (10 s), shorter than for ever.
+IDLE_DEADLINE = 20.0
+
+
+def test_metrics_endpoint_drops_a_client_that_never_finishes_its_request() -> None:
+    """A client that connects and never ends its request would hold a thread and a
+    descriptor of the daemon for ever: it is dropped after a timeout."""
+    server = bind_metrics(MetricsAddress("127.0.0.1", 0), [One()], "test").start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.address.port), timeout=5) as c:
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # headers never end
+            c.settimeout(IDLE_DEADLINE)
+            started = time.monotonic()
+            try:
+                data = c.recv(65536)  # b"" (closed) or a 408 once the server gives up
+            except TimeoutError:
+                data = None
+            assert data is not None, (
+                f"the endpoint still held a half-sent request after {IDLE_DEADLINE:.0f}s "
+                f"(one thread and one descriptor per such client, for ever)")
+            assert time.monotonic() - started < IDLE_DEADLINE
+    finally:
+        server.close()
+
+
+def test_metrics_endpoint_serves_a_bounded_number_of_connections_at_once() -> None:
+    """More idle connections than the bound are closed on arrival, and a scrape still gets
+    through once the idle ones time out or go."""
+    from vfsroot import exporter
+    server = bind_metrics(MetricsAddress("127.0.0.1", 0), [One()], "test").start()
+    idle = []
+    try:
+        for _ in range(exporter.MAX_CONNECTIONS):
+            c = socket.create_connection(("127.0.0.1", server.address.port), timeout=5)
+            c.sendall(b"GET /metrics HTTP/1.1\r\n")
+            idle.append(c)
+        time.sleep(0.3)  # the server has taken them all
+        extra = socket.create_connection(("127.0.0.1", server.address.port), timeout=5)
+        extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert extra.recv(100) == b""  # closed at once: no thread for it
+        extra.close()
+        for c in idle:
+            c.close()
+        time.sleep(0.3)
+        url = f"http://127.0.0.1:{server.address.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert b"vfsroot_test_things" in r.read()
+    finally:
+        for c in idle:
+            c.close()
+        server.close()

@@ -75,8 +75,10 @@ def wait_for(predicate: object, what: str, proc: subprocess.Popen[bytes]) -> Non
     raise DemoError(f"{what} was not ready within {READY_TIMEOUT:.0f}s")
 
 
-def is_mounted(mountpoint: Path) -> bool:
-    return mounted_fstype(mountpoint) is not None
+def is_demo_mount(mountpoint: Path) -> bool:
+    """The demo's own `vfsroot serve` is mounted there (checked before it started: nothing
+    else was)."""
+    return mounted_fstype(mountpoint) == "fuse.vfsroot"
 
 
 def tcp_open(port: int) -> bool:
@@ -91,12 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vfsroot-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--mount", type=Path, default=DEFAULT_MOUNT)
     parser.add_argument("--workdir", type=Path, default=Path("/var/lib/vfsroot-demo"))
-    parser.add_argument("--tftp-listen", default="[::]:69",
-                        help="where vfsroot-tftpd listens (default [::]:69)")
+    parser.add_argument("--tftp-listen", default="127.0.0.1:69",
+                        help="where vfsroot-tftpd listens (default 127.0.0.1:69: the demo's "
+                             "files are for this machine; [::]:69 serves the network)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="demo: %(message)s")
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
+        # A mount already there (by default /run/vfsroot: the systemd service's) is not the
+        # demo's to take over, nor to unmount on the way out.
+        found = mounted_fstype(args.mount)
+        if found is not None:
+            raise DemoError(f"{args.mount} is already mounted ({found}): stop what serves it "
+                            "(systemctl stop vfsroot) or give the demo another --mount")
         return _run(args, procs)
     except DemoError as e:
         print(f"demo: {e}", file=sys.stderr)
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.warning("%s did not stop, killing it", name)
                     proc.kill()
                     proc.wait()
-        if is_mounted(args.mount):
+        if any(name == "vfsroot" for name, _ in procs) and is_demo_mount(args.mount):
             subprocess.run(["fusermount3", "-u", "-z", str(args.mount)], check=False)
         log.info("stopped")
 
@@ -142,7 +151,7 @@ def _run(args: argparse.Namespace, procs: list[tuple[str, subprocess.Popen[bytes
     vfsroot = subprocess.Popen([str(bindir / "vfsroot"), "serve", "--source", str(source),
                                 "--mount", str(args.mount)])
     procs.append(("vfsroot", vfsroot))
-    wait_for(lambda: is_mounted(args.mount), "vfsroot serve", vfsroot)
+    wait_for(lambda: is_demo_mount(args.mount), "vfsroot serve", vfsroot)
 
     tftpd = subprocess.Popen([str(bindir / "vfsroot-tftpd"), "--root", str(args.mount),
                               "--listen", args.tftp_listen])

@@ -68,14 +68,47 @@ def parse_metrics_address(text: str) -> MetricsAddress:
     return MetricsAddress(host, port)
 
 
+#: Connections served at once; more are closed on arrival.  A scraper needs one; the bound
+#: keeps clients that connect and never finish from taking a thread and a descriptor each
+#: until the daemon's opens (FUSE, TFTP) fail for lack of descriptors.
+MAX_CONNECTIONS = 16
+#: Seconds a connection may take to send its request (and to take the answer).
+CONNECTION_TIMEOUT = 10.0
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    """One thread per scrape, none left behind at exit."""
+    """One thread per scrape, at most `MAX_CONNECTIONS` at once, none left behind at exit."""
 
     daemon_threads = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("metrics endpoint: %d connections open, closing one from %s",
+                        MAX_CONNECTIONS, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
 
 class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr: a scrape every 15 s is not news."""
+    """No access log on stderr: a scrape every 15 s is not news.  A client that does not send
+    its request within `CONNECTION_TIMEOUT` is dropped."""
+
+    timeout = CONNECTION_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
