@@ -16,6 +16,7 @@ import argparse
 import bisect
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,16 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away is one debug line, not a traceback on stderr
+        (socketserver's default) per idle connection."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (TimeoutError, ConnectionError)):
+            log.debug("metrics endpoint: %s from %s: connection dropped",
+                      type(exc).__name__, client_address[0])
+            return
+        super().handle_error(request, client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
