@@ -165,6 +165,7 @@ class InlineOpener:
         finally:
             os.close(path_fd)
 
+
 def _read_cached(fd: int, size: int, memory: bool) -> bytes | None:
     """The file's ``size`` bytes if they can be read without waiting for a device, else None
     (then the transfer reads it in a worker thread).  One byte more is asked for, to see a

@@ -169,28 +169,29 @@ class ClientRoots:
             # every component from Python: twice the time per request, and on the FUSE tree a
             # lookup per component).
             dir_fd = os.open(base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                real_base = os.readlink(f"/proc/self/fd/{dir_fd}")
-                try:
-                    real = os.readlink(f"/proc/self/fd/{fd}")
-                except OSError as exc:
-                    if exc.errno != errno.ENAMETOOLONG:
-                        raise
-                    # The kernel cannot name the file (more than PATH_MAX, reached through
-                    # symlinks): ask it instead whether the name resolves to this very file
-                    # without leaving the directory, as the inline open does.
-                    if not _beneath(dir_fd, relpath, fd):
-                        raise OpenRefused(
-                            2, "access violation: file is outside the client's directory"
-                        ) from None
-                    return
-            finally:
-                os.close(dir_fd)
         except OSError:
             raise OpenRefused(0, "cannot tell where the opened file lives") from None
-        # Both are canonical (the kernel's), so "below" is a prefix ending at a separator.
-        inside = real.startswith(real_base if real_base.endswith("/") else real_base + "/")
-        if not inside or real == real_base:
+        try:
+            real_base = os.readlink(f"/proc/self/fd/{dir_fd}")
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                # The kernel cannot name the file (more than PATH_MAX, reached through
+                # symlinks): ask it instead whether the name resolves to this very file
+                # without leaving the directory, as the inline open does.
+                inside = _beneath(dir_fd, relpath, fd)
+            else:
+                # Both are canonical (the kernel's), so "below" is a prefix ending at a
+                # separator.
+                below = real_base if real_base.endswith("/") else real_base + "/"
+                inside = real.startswith(below) and real != real_base
+        except OSError:
+            raise OpenRefused(0, "cannot tell where the opened file lives") from None
+        finally:
+            os.close(dir_fd)
+        if not inside:
             raise OpenRefused(2, "access violation: file is outside the client's directory")
 
 

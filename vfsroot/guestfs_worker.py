@@ -357,10 +357,11 @@ class GuestDisk:
                     raise GuestError(errno.EACCES, f"{label} ({dev}) at {mountpoint}: the mount "
                                      f"landed on {where}, not on the disk's {mountpoint}: "
                                      "refused")
-            except (RuntimeError, GuestError) as e:
+            except GuestError:
                 self.umount()
-                if isinstance(e, GuestError):
-                    raise
+                raise
+            except RuntimeError as e:
+                self.umount()
                 raise GuestError(errno_of(e), f"mounting {label} ({dev}) at {mountpoint}: "
                                  f"{e}") from None
             self.mounted.append(target)
