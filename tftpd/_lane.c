@@ -28,6 +28,20 @@
  * An armed slot holds a buffer export of the frame buffer it was given: the pump disarms a
  * transfer before anything can recycle or drop that buffer (every chunk change happens in the
  * pump's own handling of the transfer, which starts with disarm).
+ *
+ * Sends in one batch.  Where the kernel offers io_uring (and ``batch`` is not turned off), the
+ * answers of one poll() are not sent one send() each: each is queued as an IORING_OP_SEND and
+ * the whole batch goes out in one io_uring_enter, after every ACK of the poll was read.  That
+ * is one system call per batch instead of one per packet, and it keeps the pump on its CPU
+ * until the batch is out: the first send() of a batch used to wake a client that then
+ * preempted the pump before the others were sent.  A UDP send with MSG_DONTWAIT completes
+ * inside io_uring_enter (it is never left in flight), and poll() collects every completion
+ * before it returns, so no queued send outlives the poll that queued it (the frames it points
+ * into stay exported by the armed slot until then).  A send the kernel refused is handled as
+ * the one-send() path handles it (ENOBUFS: lost; EAGAIN: the ACK goes to the pump; anything
+ * else: the errno goes to the pump).  Where io_uring_setup fails (an older kernel, the
+ * io_uring_disabled sysctl, a seccomp filter returning an errno) the lane sends one send() per
+ * ACK, as before; ``batched`` says which.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,9 +51,13 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/io_uring.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #define RECV_SIZE 2048
 #define OP_ACK 4
@@ -63,9 +81,23 @@ typedef struct {
     int kept_errno;
     PyObject *held;
     int pending;                 /* in the lane's pending list: reported until disarmed */
+    int queued;                  /* its answer is queued in the ring (inside one poll only) */
     unsigned long long reported; /* the poll() that last returned this descriptor */
     Py_buffer frames;
 } Slot;
+
+/* The io_uring the answers of one poll() are sent through (not live: one send() each). */
+typedef struct {
+    int live;               /* 0 (as a new object is zeroed): no ring, fd means nothing */
+    int fd;
+    unsigned entries;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+    void *sq_map, *cq_map, *sqe_map;
+    size_t sq_len, cq_len, sqe_len;
+} Ring;
 
 typedef struct {
     PyObject_HEAD
@@ -83,6 +115,10 @@ typedef struct {
     int npending, cap_pending, narmed;
     int busy;               /* poll() is waiting or answering without the GIL */
     unsigned long long generation;
+    Ring ring;
+    int nqueued;            /* sends queued in the ring by this poll(), not yet submitted */
+    unsigned long long batches;  /* io_uring_enter calls that sent a batch */
+    int ring_errno;         /* why there is no ring (0: there is one, or none was asked for) */
     unsigned char buf[RECV_SIZE];
 } Lane;
 
@@ -121,10 +157,88 @@ static int refuse_busy(Lane *self) {
     return -1;
 }
 
+
+static void ring_close(Ring *r) {
+    if (!r->live)
+        return;
+    if (r->sqe_map != NULL && r->sqe_map != MAP_FAILED)
+        munmap(r->sqe_map, r->sqe_len);
+    if (r->cq_map != NULL && r->cq_map != MAP_FAILED && r->cq_map != r->sq_map)
+        munmap(r->cq_map, r->cq_len);
+    if (r->sq_map != NULL && r->sq_map != MAP_FAILED)
+        munmap(r->sq_map, r->sq_len);
+    close(r->fd);
+    memset(r, 0, sizeof *r);
+}
+
+/* Set up a ring of ``entries`` submissions; 0, or the errno that says why there is none. */
+static int ring_open(Ring *r, unsigned entries) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    memset(r, 0, sizeof *r);
+    int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+    if (fd < 0)
+        return errno;
+    r->live = 1;
+    r->fd = fd;
+    /* IORING_OP_SEND came in 5.6, FAST_POLL in 5.7: a kernel that has this has the opcode. */
+    if (!(p.features & IORING_FEAT_FAST_POLL)) {
+        ring_close(r);
+        return ENOSYS;
+    }
+    r->entries = p.sq_entries;
+    r->sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    r->cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (p.features & IORING_FEAT_SINGLE_MMAP) {
+        if (r->cq_len > r->sq_len)
+            r->sq_len = r->cq_len;
+        r->cq_len = r->sq_len;
+    }
+    r->sq_map = mmap(NULL, r->sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                     IORING_OFF_SQ_RING);
+    if (r->sq_map == MAP_FAILED)
+        goto fail;
+    if (p.features & IORING_FEAT_SINGLE_MMAP)
+        r->cq_map = r->sq_map;
+    else {
+        r->cq_map = mmap(NULL, r->cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                         IORING_OFF_CQ_RING);
+        if (r->cq_map == MAP_FAILED)
+            goto fail;
+    }
+    r->sqe_len = p.sq_entries * sizeof(struct io_uring_sqe);
+    r->sqe_map = mmap(NULL, r->sqe_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                      IORING_OFF_SQES);
+    if (r->sqe_map == MAP_FAILED)
+        goto fail;
+    unsigned char *sq = r->sq_map, *cq = r->cq_map;
+    r->sq_head = (unsigned *)(sq + p.sq_off.head);
+    r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    r->sq_array = (unsigned *)(sq + p.sq_off.array);
+    r->cq_head = (unsigned *)(cq + p.cq_off.head);
+    r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    r->sqes = r->sqe_map;
+    /* A process forked later (the opener helper) gets none of the ring's memory. */
+    madvise(r->sq_map, r->sq_len, MADV_DONTFORK);
+    if (r->cq_map != r->sq_map)
+        madvise(r->cq_map, r->cq_len, MADV_DONTFORK);
+    madvise(r->sqe_map, r->sqe_len, MADV_DONTFORK);
+    return 0;
+fail: {
+        int err = errno;
+        ring_close(r);
+        return err;
+    }
+}
+
+
 static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"epfd", "maxevents", NULL};
-    int epfd, maxevents = 512;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|i", kwlist, &epfd, &maxevents))
+    static char *kwlist[] = {"epfd", "maxevents", "batch", NULL};
+    int epfd, maxevents = 512, batch = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|ip", kwlist, &epfd, &maxevents, &batch))
         return -1;
     if (refuse_busy(self) < 0)
         return -1;
@@ -140,6 +254,9 @@ static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
     }
     self->epfd = epfd;
     self->maxevents = maxevents;
+    ring_close(&self->ring);
+    /* Room for every event of one epoll_wait: at most one send per event. */
+    self->ring_errno = batch ? ring_open(&self->ring, (unsigned)maxevents) : 0;
     return 0;
 }
 
@@ -149,6 +266,7 @@ static void Lane_dealloc(Lane *self) {
     PyMem_Free(self->slots);
     PyMem_Free(self->pending);
     PyMem_Free(self->events);
+    ring_close(&self->ring);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -308,6 +426,39 @@ static void keep(Lane *self, int fd, Slot *s, const unsigned char *data, ssize_t
 #define KEPT 0      /* a datagram or an errno kept in the slot, for the pump */
 #define SENT 1      /* the ACK answered with the next frame */
 #define NOTHING 2   /* nothing queued after all (a datagram dropped for its checksum) */
+#define QUEUED 3    /* the next frame is queued in the ring: flush() says SENT or KEPT */
+
+/* What a frame that went out does to the slot (the send() path and flush() alike). */
+static void sent_one(Lane *self, Slot *s, double now) {
+    if (s->clean) {
+        double sample = now - s->last_tx;
+        s->srtt = s->srtt < 0 ? sample : 0.875 * s->srtt + 0.125 * sample;
+    }
+    s->clean = 1;
+    s->upto += 1;
+    s->last_tx = now;
+    s->sent += 1;
+    self->datagrams += 1;
+}
+
+/* Queue the frame at ``o`` of slot ``s`` as an IORING_OP_SEND on ``fd`` (room was checked). */
+static void queue_send(Lane *self, int fd, Slot *s, Py_ssize_t o) {
+    Ring *r = &self->ring;
+    unsigned tail = *r->sq_tail;
+    unsigned idx = tail & *r->sq_mask;
+    struct io_uring_sqe *sqe = &r->sqes[idx];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = IORING_OP_SEND;
+    sqe->fd = fd;
+    sqe->addr = (unsigned long long)(uintptr_t)((const char *)s->frames.buf + o);
+    sqe->len = (unsigned)s->seg;
+    sqe->msg_flags = MSG_DONTWAIT;
+    sqe->user_data = (unsigned long long)fd;
+    r->sq_array[idx] = idx;
+    __atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
+    s->queued = 1;
+    self->nqueued++;
+}
 
 /* One readable event of an armed transfer, without the GIL: SENT or NOTHING leave nothing for
  * the pump to do; KEPT left it a datagram or an errno in the slot. */
@@ -326,21 +477,20 @@ static int answer(Lane *self, int fd, Slot *s) {
         if (i >= 0 && i < s->count) {
             Py_ssize_t o = (Py_ssize_t)i * s->seg;
             if (o + s->seg <= s->end) {  /* a full frame: not the file's short last one */
+                /* Batched where there is a ring; a longer datagram (an ACK with bytes after
+                 * the block number) is answered at once, so that what flush() hands the pump
+                 * on a refused send -- the four bytes of the ACK -- is what was read. */
+                if (self->ring.live && n == 4
+                        && self->nqueued < (int)self->ring.entries) {
+                    queue_send(self, fd, s, o);
+                    return QUEUED;
+                }
                 ssize_t r = send(fd, (const char *)s->frames.buf + o, (size_t)s->seg,
                                  MSG_DONTWAIT);
                 if (r >= 0 || errno == ENOBUFS) {
                     /* ENOBUFS: dropped on the way out, like a lost packet; the timer
                      * recovers it (the pump's rule too). */
-                    double now = monotonic();
-                    if (s->clean) {
-                        double sample = now - s->last_tx;
-                        s->srtt = s->srtt < 0 ? sample : 0.875 * s->srtt + 0.125 * sample;
-                    }
-                    s->clean = 1;
-                    s->upto += 1;
-                    s->last_tx = now;
-                    s->sent += 1;
-                    self->datagrams += 1;
+                    sent_one(self, s, monotonic());
                     return SENT;
                 }
                 if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -354,6 +504,94 @@ static int answer(Lane *self, int fd, Slot *s) {
     }
     keep(self, fd, s, b, n, 0);
     return KEPT;
+}
+
+/* Hand the pump the ACK of block ``upto`` as the client sent it: the four bytes answer()
+ * queued a send for (it queues none for a longer datagram). */
+static void keep_ack(Lane *self, int fd, Slot *s) {
+    unsigned char ack[4] = {0, OP_ACK, (unsigned char)((s->upto >> 8) & 0xFF),
+                            (unsigned char)(s->upto & 0xFF)};
+    keep(self, fd, s, ack, 4, 0);
+}
+
+/* What became of one queued send: SENT as in answer(), or the ACK (or errno) for the pump. */
+static int settle(Lane *self, int fd, int res, double now) {
+    Slot *s = fd >= 0 && fd < self->nslots ? &self->slots[fd] : NULL;
+    if (s == NULL || !s->queued)
+        return NOTHING;  /* not one of this poll's (cannot happen: poll() drains the ring) */
+    s->queued = 0;
+    if (res >= 0 || res == -ENOBUFS) {  /* ENOBUFS: lost on the way out, as in answer() */
+        sent_one(self, s, now);
+        return SENT;
+    }
+    if (res == -EAGAIN || res == -EWOULDBLOCK || res == -EINTR)
+        keep_ack(self, fd, s);  /* the socket is full: the pump answers it, and waits to write */
+    else
+        keep(self, fd, s, NULL, 0, -res);  /* the client is gone */
+    return KEPT;
+}
+
+/* Send every frame this poll() queued in one io_uring_enter, and settle each: returns how many
+ * went out.  Every queued send is settled before this returns -- none is left in the ring to
+ * read a frame buffer the pump may release once poll() is over. */
+static int flush(Lane *self) {
+    Ring *r = &self->ring;
+    int want = self->nqueued, submitted, sent = 0;
+    self->nqueued = 0;
+    do
+        submitted = (int)syscall(__NR_io_uring_enter, r->fd, (unsigned)want, 0u, 0u, NULL, 0);
+    while (submitted < 0 && errno == EINTR);
+    double now = monotonic();
+    if (submitted > 0)
+        self->batches += 1;
+    /* What the kernel did not take (a failed or short submit: EAGAIN, EBUSY, ENOMEM) is taken
+     * off the ring again and handed to the pump, which answers it the usual way. */
+    unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE), tail = *r->sq_tail;
+    for (unsigned i = head; i != tail; i++) {
+        struct io_uring_sqe *sqe = &r->sqes[r->sq_array[i & *r->sq_mask]];
+        int fd = (int)sqe->user_data;
+        Slot *s = fd >= 0 && fd < self->nslots ? &self->slots[fd] : NULL;
+        if (s != NULL && s->queued) {
+            s->queued = 0;
+            keep_ack(self, fd, s);
+        }
+    }
+    __atomic_store_n(r->sq_tail, head, __ATOMIC_RELEASE);
+    int done = 0, stuck = 0;
+    if (submitted < 0)
+        submitted = 0;
+    while (done < submitted) {
+        unsigned ch = *r->cq_head, ct = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+        if (ch == ct) {
+            /* Not seen here: a UDP send with MSG_DONTWAIT completes inside the submit. */
+            int w = (int)syscall(__NR_io_uring_enter, r->fd, 0u, (unsigned)(submitted - done),
+                                 IORING_ENTER_GETEVENTS, NULL, 0);
+            if (w < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY && ++stuck > 3)
+                break;
+            continue;
+        }
+        for (; ch != ct; ch++) {
+            struct io_uring_cqe *c = &r->cqes[ch & *r->cq_mask];
+            if (settle(self, (int)c->user_data, c->res, now) == SENT)
+                sent++;
+            done++;
+        }
+        __atomic_store_n(r->cq_head, ch, __ATOMIC_RELEASE);
+    }
+    if (done < submitted) {
+        /* The ring no longer answers: end the transfers whose sends it holds (their frames
+         * stay exported until the pump disarms them) and send one send() each from now on. */
+        for (Py_ssize_t fd = 0; fd < self->nslots; fd++) {
+            Slot *s = &self->slots[fd];
+            if (s->queued) {
+                s->queued = 0;
+                keep(self, (int)fd, s, NULL, 0, EIO);
+            }
+        }
+        self->ring_errno = errno ? errno : EIO;
+        ring_close(r);
+    }
+    return sent;
 }
 
 /* Append (fd, ev) to ``out``, making what the slot kept a Python object first. */
@@ -404,7 +642,10 @@ static PyObject *Lane_poll(Lane *self, PyObject *args) {
         ms = INT_MAX;
     else
         ms = (int)ceil(timeout * 1000.0);
-    int n, err = 0, answered = 0;
+    int n, err, answered = 0;
+    double deadline = ms > 0 ? monotonic() + timeout : 0.0;
+again:
+    err = 0;
     self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     n = epoll_wait(self->epfd, self->events, self->maxevents, ms);
@@ -422,15 +663,26 @@ static PyObject *Lane_poll(Lane *self, PyObject *args) {
                 answered++;
         }
     }
+    if (self->nqueued)  /* what flush() hands the pump is reported from the pending list */
+        answered += flush(self);
     Py_END_ALLOW_THREADS
     self->busy = 0;
     self->answered = answered;
-    if (n < 0) {
-        if (err == EINTR) {
-            if (PyErr_CheckSignals() < 0)
-                return NULL;
-            return PyList_New(0);
+    if (n < 0 && err == EINTR) {
+        /* As select.epoll.poll does (PEP 475): run the signal handlers, then wait out the
+         * rest of the timeout.  Not only signals interrupt the wait: io_uring's notifications
+         * (a ring being torn down) do too. */
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+        if (ms > 0) {
+            double left = deadline - monotonic();
+            ms = left > 0 ? (int)ceil(left * 1000.0) : 0;
         }
+        if (ms != 0)
+            goto again;
+        n = 0;  /* the time is up: still report what is pending */
+    }
+    if (n < 0) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -475,6 +727,23 @@ static PyObject *Lane_get_answered(Lane *self, void *closure) {
     return PyLong_FromLong(self->answered);
 }
 
+static PyObject *Lane_get_batched(Lane *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->ring.live);
+}
+
+static PyObject *Lane_get_batches(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->batches);
+}
+
+static PyObject *Lane_get_batch_error(Lane *self, void *closure) {
+    (void)closure;
+    if (!self->ring_errno)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(self->ring_errno);
+}
+
 static PyObject *Lane_get_pending(Lane *self, void *closure) {
     (void)closure;
     return PyLong_FromLong(self->npending);
@@ -488,7 +757,22 @@ static PyObject *Lane_armed(Lane *self, PyObject *args) {
     return PyBool_FromLong(s != NULL && s->armed);
 }
 
+PyDoc_STRVAR(close_doc,
+"close()\n\n"
+"Disarm every slot and close the ring (its descriptor and memory), now rather than when the\n"
+"object is collected.  The lane is not used after this.");
+
+static PyObject *Lane_close(Lane *self, PyObject *Py_UNUSED(ignored)) {
+    if (refuse_busy(self) < 0)
+        return NULL;
+    for (Py_ssize_t i = 0; i < self->nslots; i++)
+        slot_release(self, &self->slots[i]);
+    ring_close(&self->ring);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Lane_methods[] = {
+    {"close", (PyCFunction)Lane_close, METH_NOARGS, close_doc},
     {"arm", (PyCFunction)Lane_arm, METH_VARARGS, arm_doc},
     {"disarm", (PyCFunction)Lane_disarm, METH_VARARGS, disarm_doc},
     {"poll", (PyCFunction)Lane_poll, METH_VARARGS, poll_doc},
@@ -499,6 +783,13 @@ static PyMethodDef Lane_methods[] = {
 static PyGetSetDef Lane_getset[] = {
     {"datagrams", (getter)Lane_get_datagrams, NULL, "DATA datagrams the lane sent", NULL},
     {"answered", (getter)Lane_get_answered, NULL, "ACKs the last poll() answered", NULL},
+    {"batched", (getter)Lane_get_batched, NULL,
+     "whether answers go out through io_uring, one io_uring_enter per poll()", NULL},
+    {"batches", (getter)Lane_get_batches, NULL,
+     "io_uring_enter calls that sent the answers of one poll()", NULL},
+    {"batch_error", (getter)Lane_get_batch_error, NULL,
+     "the errno that left the lane without its ring (None: it has one, or none was asked for)",
+     NULL},
     {"pending", (getter)Lane_get_pending, NULL,
      "descriptors holding a datagram or errno the pump has not taken back", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python-lane", action="store_true",
                    help="answer lock-step ACKs in Python even where the compiled lane "
                         "(tftpd/_lane.c) is built: for comparison and debugging")
+    p.add_argument("--no-batch-sends", action="store_true",
+                   help="send one send() per answered ACK instead of one io_uring_enter per "
+                        "batch (default: batched where the kernel allows io_uring)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, time running transfers get to finish")
     p.add_argument("--follow-outside-symlinks", action="store_true",
@@ -155,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         mtu_clamp=args.mtu_clamp, retransmit_timeout=args.retransmit, retries=args.retries,
         read_ahead=args.read_ahead, max_transfer_seconds=args.max_transfer_seconds,
         spin_seconds=args.spin_us / 1e6, compiled_lane=not args.python_lane,
+        batch_sends=not args.no_batch_sends,
     )
     return ServerConfig(
         root=args.root, flat=args.flat, listen=tuple(listen), family=args.family or "any",

@@ -27,10 +27,10 @@ AVAILABLE = _Compiled is not None
 class CompiledLane:
     """The compiled lane on one pump's epoll object.  Used from the pump's thread only."""
 
-    def __init__(self, epfd: int, maxevents: int = 512) -> None:
+    def __init__(self, epfd: int, maxevents: int = 512, *, batch: bool = True) -> None:
         if _Compiled is None:
             raise RuntimeError("tftpd._lane is not built")
-        self._lane = _Compiled(epfd, maxevents)
+        self._lane = _Compiled(epfd, maxevents, batch)
         #: ``poll(timeout)``: ``select.epoll.poll``'s events, less the ACKs answered.
         self.poll = self._lane.poll
 
@@ -38,6 +38,20 @@ class CompiledLane:
     def answered(self) -> int:
         """ACKs the last :meth:`poll` answered itself."""
         return self._lane.answered
+
+    def close(self) -> None:
+        """Release every armed frame buffer and the io_uring (a descriptor) now."""
+        self._lane.close()
+
+    @property
+    def batched(self) -> bool:
+        """Whether the answers of one :meth:`poll` go out in one io_uring_enter."""
+        return self._lane.batched
+
+    @property
+    def batch_error(self) -> int | None:
+        """Why the lane has no io_uring although asked to use one (an errno), or None."""
+        return self._lane.batch_error
 
     @property
     def pending(self) -> int:

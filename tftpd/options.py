@@ -62,6 +62,9 @@ class TransferPolicy:
     #: Answer lock-step's common ACK in the compiled lane (tftpd/_lane.c) where it is built;
     #: off, or without the module, the pump answers it in Python (the same rules).
     compiled_lane: bool = True
+    #: Send the compiled lane's answers to one wait in one ``io_uring_enter`` where the kernel
+    #: lets us set up a ring (tftpd/_lane.c); off, or without io_uring: one ``send`` per ACK.
+    batch_sends: bool = True
 
 
 @dataclass(frozen=True)

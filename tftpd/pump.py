@@ -184,11 +184,13 @@ class Pump:
     """The DATA phase of every transfer of this process, in one task (:meth:`run`)."""
 
     def __init__(self, *, spin_seconds: float = 0.0, spin_max_sessions: int = 1,
-                 active: Callable[[], int] = lambda: 1, compiled_lane: bool = True) -> None:
+                 active: Callable[[], int] = lambda: 1, compiled_lane: bool = True,
+                 batch_sends: bool = True) -> None:
         self._ep = select.epoll()
         #: The compiled lock-step lane on this epoll object, if built and wanted; every
-        #: wait of the pump then goes through it (:meth:`_poll`).
-        self._lane = (lane.CompiledLane(self._ep.fileno(), 512)
+        #: wait of the pump then goes through it (:meth:`_poll`).  ``batch_sends``: it sends
+        #: the answers of one wait in one io_uring_enter where it can.
+        self._lane = (lane.CompiledLane(self._ep.fileno(), 512, batch=batch_sends)
                       if compiled_lane and lane.AVAILABLE else None)
         self._poll: Callable[[float], list[tuple[int, int]]] = (
             self._lane.poll if self._lane is not None
@@ -230,6 +232,17 @@ class Pump:
         return self._lane is not None
 
     @property
+    def batched_sends(self) -> bool:
+        """Whether the compiled lane sends its answers to a wait in one io_uring_enter."""
+        return self._lane is not None and self._lane.batched
+
+    @property
+    def batch_error(self) -> int | None:
+        """The errno that left the compiled lane without io_uring (None: it has it, or it
+        was not asked to use it)."""
+        return self._lane.batch_error if self._lane is not None else None
+
+    @property
     def datagrams(self) -> int:
         """DATA datagrams sent, by the pump and its compiled lane."""
         return self._datagrams + (self._lane.datagrams if self._lane is not None else 0)
@@ -239,6 +252,8 @@ class Pump:
             self._closed = True
         self._run_posted()  # their limiter tokens go back
         self._watched.clear()
+        if self._lane is not None:
+            self._lane.close()
         self._ep.close()
         os.close(self._wake_fd)
 

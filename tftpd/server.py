@@ -453,11 +453,15 @@ class TftpServer:
         self.pump = pump = Pump(spin_seconds=policy.spin_seconds,
                                 spin_max_sessions=policy.spin_max_sessions,
                                 active=lambda: self.stats.active,
-                                compiled_lane=policy.compiled_lane)
+                                compiled_lane=policy.compiled_lane,
+                                batch_sends=policy.batch_sends)
         if policy.compiled_lane and not pump.compiled_lane:
             log.warning("the compiled lock-step lane (tftpd/_lane.c) is not built: lock-step "
                         "ACKs are answered in Python, which costs more CPU in a boot storm; "
                         "reinstall with gcc and python3-dev present")
+        elif pump.batch_error is not None:
+            log.info("io_uring unavailable (%s): the lock-step lane sends one send() per ACK, "
+                     "which costs more CPU in a boot storm", os.strerror(pump.batch_error))
         self.opener = opener = OpenerPool(self._roots, self._limiter, watcher=pump)
         inline = self._inline_opener()
         buckets = _TokenBucket(self.config.error_replies_per_second)
@@ -489,7 +493,8 @@ class TftpServer:
                                      ",".join(f"{h}:{p}" for h, p in self.addresses),
                                      self.config.root,
                                      "flat" if self.config.flat else "per-client",
-                                     "compiled" if pump.compiled_lane else "python",
+                                     ("compiled+io_uring" if pump.batched_sends else
+                                      "compiled" if pump.compiled_lane else "python"),
                                      f" worker={self.config.worker}" if self.config.worker
                                      else "")
                             task_status.started(list(self.addresses))

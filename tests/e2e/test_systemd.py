@@ -117,6 +117,36 @@ def test_tftpd_units_shape() -> None:
     assert "--listen systemd" in start and "--root ${VFSROOT_MOUNT}" in start
 
 
+def syscalls(spec: str) -> set[str]:
+    """The system calls one SystemCallFilter= word names (a @group expanded by systemd)."""
+    name = spec.split(":", 1)[0]
+    if not name.startswith("@"):
+        return {name}
+    cp = subprocess.run([analyze(), "syscall-filter", name], capture_output=True, text=True,
+                        timeout=60, check=True)
+    out: set[str] = set()
+    for line in cp.stdout.splitlines()[1:]:  # the first line is the group's own name
+        word = line.strip()
+        if word and not word.startswith("#"):
+            out |= syscalls(word) if word.startswith("@") else {word}
+    return out
+
+
+def test_tftpd_unit_lets_the_lane_use_io_uring() -> None:
+    """The unit's seccomp filter must allow what the compiled lane calls: a call outside it
+    kills the service (SIGSYS).  @system-service allows io_uring through @aio; hardening the
+    unit with ~@aio would kill the service at its first start, and this test catches it (the
+    way to keep io_uring out is `--no-batch-sends`, see docs/tftpd.md)."""
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for value in directives("vfsroot-tftpd.service")["Service.SystemCallFilter"]:
+        deny = value.startswith("~")
+        for word in value.lstrip("~").split():
+            (denied if deny else allowed).update(syscalls(word))
+    assert "epoll_wait" in allowed and "bpf" in denied  # the groups did expand
+    assert {"io_uring_setup", "io_uring_enter"} <= allowed - denied
+
+
 def test_default_file_matches_units() -> None:
     """Every variable the units use is in systemd/vfsroot.default (the /etc/default file)."""
     used = set()

@@ -8,6 +8,7 @@ socket and did not answer exists nowhere else.  These tests drive it the way the
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import struct
@@ -26,6 +27,17 @@ from tftpd.pump import Pump
 
 BLK = 8
 SEG = BLK + 4
+#: Whether the lanes of a test send through io_uring (the default) or one send() per ACK:
+#: every test runs both ways (``batch`` below).
+BATCH = True
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["io_uring", "send"])
+def batch(request: pytest.FixtureRequest) -> Iterator[bool]:
+    global BATCH
+    BATCH = request.param
+    yield BATCH
+    BATCH = True
 
 
 def ack(block: int) -> bytes:
@@ -48,7 +60,10 @@ class Wire:
         self.fd = self.server.fileno()
         self.ep = select.epoll()
         self.ep.register(self.fd, select.EPOLLIN)
-        self.lane = lane_mod.Lane(self.ep.fileno())
+        self.lane = lane_mod.Lane(self.ep.fileno(), 512, BATCH)
+        assert self.lane.batched == BATCH, (
+            f"no io_uring here ({errno.errorcode.get(self.lane.batch_error or 0)}): the "
+            "batched path cannot be tested")
 
     def close(self) -> None:
         self.lane.disarm(self.fd)
@@ -326,3 +341,67 @@ def test_a_call_while_another_thread_polls_is_refused() -> None:
 def test_a_nan_timeout_is_refused() -> None:
     with wire() as w, pytest.raises(ValueError):
         w.lane.poll(float("nan"))
+
+
+def test_a_send_the_kernel_refuses_hands_the_ack_and_errno_to_the_pump() -> None:
+    """A frame too big for a datagram (EMSGSIZE) stands for any send that fails: nothing is
+    counted as sent, and the pump gets the errno, batched or not."""
+    seg = 70_000
+    frames = bytearray(2 * seg)
+    with wire() as w:
+        w.lane.arm(w.fd, 1, frames, 1, 2, 2 * seg, seg, True, None, time.perf_counter())
+        w.client.send(ack(1))
+        assert w.lane.poll(1.0) == [(w.fd, select.EPOLLIN)]
+        assert w.lane.answered == 0 and w.lane.datagrams == 0
+        assert w.lane.disarm(w.fd)[::4] == (1, errno.EMSGSIZE)  # (upto, held)
+        assert w.nothing_for_client()
+
+
+def test_the_answers_to_one_wait_go_out_in_one_batch(batch: bool) -> None:
+    """Six transfers on one epoll object ACK at once: one poll() answers every one of them
+    (one io_uring_enter for all six where batched); one whose send fails is handed back
+    without holding up the others."""
+    data = bytes(range(4 * BLK))
+    frames, n, end = frames_of(data, 1)
+    seg = 70_000
+    wires = [Wire() for _ in range(6)]
+    ep = select.epoll()
+    try:
+        lane = lane_mod.Lane(ep.fileno(), 512, batch)
+        for w in wires:
+            ep.register(w.fd, select.EPOLLIN)
+        *good, bad = wires
+        for w in good:
+            lane.arm(w.fd, 1, frames.view, 1, n, end, SEG, True, None, time.perf_counter())
+        lane.arm(bad.fd, 1, bytearray(2 * seg), 1, 2, 2 * seg, seg, True, None,
+                 time.perf_counter())
+        for w in wires:
+            w.client.send(ack(1))
+        time.sleep(0.05)  # all six queued before the one wait
+        assert lane.poll(1.0) == [(bad.fd, select.EPOLLIN)]
+        assert lane.answered == 5 and lane.datagrams == 5
+        assert lane.batches == (1 if batch else 0)
+        for w in good:
+            assert w.client.recv(4096) == struct.pack("!HH", 3, 2) + data[BLK:2 * BLK]
+            assert lane.disarm(w.fd)[::4] == (2, None)
+        assert lane.disarm(bad.fd)[::4] == (1, errno.EMSGSIZE)
+    finally:
+        ep.close()
+        for w in wires:
+            w.close()
+
+
+def test_a_wait_interrupted_by_io_uring_waits_out_its_timeout() -> None:
+    """Tearing a ring down interrupts the waits of the process's threads (EINTR) although no
+    signal came: poll() waits out the rest of its timeout, as select.epoll.poll does, and
+    still reports what it holds for the pump."""
+    frames, n, end = frames_of(bytes(8 * BLK), 1)
+    with wire() as w:
+        arm(w, 3, frames, 1, n, end)
+        w.client.send(ack(2))  # not the newest: held for the pump
+        assert w.lane.poll(1.0) == [(w.fd, select.EPOLLIN)]
+        doomed = [lane_mod.Lane(w.ep.fileno(), 512, True) for _ in range(3)]
+        t0 = time.monotonic()
+        del doomed  # three rings torn down just before the wait
+        assert w.lane.poll(0.2) == [(w.fd, select.EPOLLIN)]
+        assert time.monotonic() - t0 >= 0.19
