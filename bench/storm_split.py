@@ -20,10 +20,12 @@ server it prints:
 Then the median of every figure per server, and each server's median rate over the first
 one's.  ``--pinned`` adds ``vfsroot-pinned``: a second vfsroot-tftpd whose worker processes
 are pinned one per CPU once started (the experiment in docs/tftpd.md that it does not pay).
+``--unbatched`` adds ``vfsroot-send``, whose compiled lane sends one ``send()`` per ACK
+(``--no-batch-sends``): what sending a batch in one ``io_uring_enter`` is worth.
 Run as root, with nothing else running:
 
     flock -x /tmp/vfsroot-heavy.lock .venv/bin/python bench/storm_split.py \\
-        [--clients 16] [--rounds 10] [--servers vfsroot,tftpd-hpa] [--pinned]
+        [--clients 16] [--rounds 10] [--servers vfsroot,tftpd-hpa] [--pinned] [--unbatched]
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     if args.pinned:
         names.append("vfsroot-pinned")
+    if args.unbatched:
+        names.append("vfsroot-send")
     size = args.size_mib << 20
     work = Path(tempfile.mkdtemp(prefix="vfsroot-split-", dir="/dev/shm"))
     servers: list[tftp_peers.Running] = []
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         bins = tftp_peers.fetch_peers(args.cache)
         servers = tftp_peers.start_servers(
             bins, root, work, args.clients,
-            second_vfsroot="vfsroot-pinned" if args.pinned else None, only=set(names))
+            second_vfsroot="vfsroot-pinned" if args.pinned else None,
+            unbatched=args.unbatched, only=set(names))
         by_name = {s.name: s for s in servers}
         if args.pinned:
             print("vfsroot-pinned workers:", pin_workers(by_name["vfsroot-pinned"]))
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", default="vfsroot,tftpd-hpa",
                    help="comma-separated, first is the reference: "
                         + ",".join(tftp.SERVERS))
+    p.add_argument("--unbatched", action="store_true",
+                   help="add vfsroot-send: its lane sends one send() per ACK, not one "
+                        "io_uring_enter per batch (--no-batch-sends)")
     p.add_argument("--pinned", action="store_true",
                    help="add vfsroot-pinned: its workers pinned one per CPU")
     p.add_argument("--cache", type=Path, default=Path("/var/cache/vfsroot-bench"))

@@ -105,7 +105,7 @@ def _cgroup(name: str) -> Path | None:
 def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
                   max_clients: int, workers: int | None = None,
                   cpu: str | None = None, python_lane: bool = False,
-                  second_vfsroot: str | None = None,
+                  second_vfsroot: str | None = None, unbatched: bool = False,
                   only: set[str] | None = None) -> list[Running]:
     """vfsroot-tftpd, tftpd-hpa, atftpd, dnsmasq serving ``root`` on 127.0.0.1.
 
@@ -116,7 +116,9 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
     ``vfsroot-py``, vfsroot-tftpd answering lock-step ACKs in Python (``--python-lane``), to
     see what the compiled lane is worth in the same run.  ``second_vfsroot``: the name of
     one more vfsroot-tftpd with the default flags (bench/storm_split.py changes it after the
-    start, e.g. pins its workers).  ``only``: start just these names.
+    start, e.g. pins its workers).  ``unbatched``: also ``vfsroot-send``, vfsroot-tftpd whose
+    compiled lane sends one send() per ACK (``--no-batch-sends``), to see what io_uring is
+    worth in the same run.  ``only``: start just these names.
     """
     served = root / "127.0.0.1"
 
@@ -146,6 +148,8 @@ def start_servers(bins: dict[str, Path], root: Path, logdir: Path,
         specs["vfsroot-py"] = vfsroot(6904, "--python-lane")
     if second_vfsroot is not None:
         specs[second_vfsroot] = vfsroot(6905)
+    if unbatched:
+        specs["vfsroot-send"] = vfsroot(6906, "--no-batch-sends")
     if only is not None:
         specs = {name: spec for name, spec in specs.items() if name in only}
     running = []
