@@ -49,6 +49,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <linux/io_uring.h>
@@ -97,7 +98,22 @@ typedef struct {
     struct io_uring_cqe *cqes;
     void *sq_map, *cq_map, *sqe_map;
     size_t sq_len, cq_len, sqe_len;
+    unsigned long forks;    /* ``forks`` when the ring was set up: see ring_inherited() */
 } Ring;
+
+/* Forks this process has come from (counted in the child): a ring set up before the last one
+ * was set up by the parent.  Its memory is MADV_DONTFORK, so a child has the lane's pointers
+ * into it but not the mappings -- the addresses are free, and may hold the child's own memory
+ * by the time it closes the lane. */
+static unsigned long forks;
+
+static void count_fork(void) {
+    forks++;
+}
+
+static int ring_inherited(const Ring *r) {
+    return r->live && r->forks != forks;
+}
 
 typedef struct {
     PyObject_HEAD
@@ -161,6 +177,11 @@ static int refuse_busy(Lane *self) {
 static void ring_close(Ring *r) {
     if (!r->live)
         return;
+    if (ring_inherited(r)) {  /* not our mappings (only our copy of the descriptor) */
+        close(r->fd);
+        memset(r, 0, sizeof *r);
+        return;
+    }
     if (r->sqe_map != NULL && r->sqe_map != MAP_FAILED)
         munmap(r->sqe_map, r->sqe_len);
     if (r->cq_map != NULL && r->cq_map != MAP_FAILED && r->cq_map != r->sq_map)
@@ -181,6 +202,7 @@ static int ring_open(Ring *r, unsigned entries) {
         return errno;
     r->live = 1;
     r->fd = fd;
+    r->forks = forks;
     /* IORING_OP_SEND came in 5.6, FAST_POLL in 5.7: a kernel that has this has the opcode. */
     if (!(p.features & IORING_FEAT_FAST_POLL)) {
         ring_close(r);
@@ -221,7 +243,8 @@ static int ring_open(Ring *r, unsigned entries) {
     r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
     r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
     r->sqes = r->sqe_map;
-    /* A process forked later (the opener helper) gets none of the ring's memory. */
+    /* A process forked later (the opener helper) gets none of the ring's memory; a lane it
+     * carries drops the ring unmapped and sends one send() each (ring_inherited). */
     madvise(r->sq_map, r->sq_len, MADV_DONTFORK);
     if (r->cq_map != r->sq_map)
         madvise(r->cq_map, r->cq_len, MADV_DONTFORK);
@@ -635,6 +658,8 @@ static PyObject *Lane_poll(Lane *self, PyObject *args) {
     }
     if (refuse_busy(self) < 0)
         return NULL;
+    if (ring_inherited(&self->ring))  /* a forked child: one send() per ACK, as without a ring */
+        ring_close(&self->ring);
     int ms;
     if (timeout < 0)
         ms = -1;
@@ -674,9 +699,9 @@ again:
          * (a ring being torn down) do too. */
         if (PyErr_CheckSignals() < 0)
             return NULL;
-        if (ms > 0) {
-            double left = deadline - monotonic();
-            ms = left > 0 ? (int)ceil(left * 1000.0) : 0;
+        if (ms > 0) {  /* clamped as above: a wait of over INT_MAX ms is longer than int */
+            double left = (deadline - monotonic()) * 1000.0;
+            ms = left <= 0 ? 0 : left > INT_MAX ? INT_MAX : (int)ceil(left);
         }
         if (ms != 0)
             goto again;
@@ -729,7 +754,7 @@ static PyObject *Lane_get_answered(Lane *self, void *closure) {
 
 static PyObject *Lane_get_batched(Lane *self, void *closure) {
     (void)closure;
-    return PyBool_FromLong(self->ring.live);
+    return PyBool_FromLong(self->ring.live && !ring_inherited(&self->ring));
 }
 
 static PyObject *Lane_get_batches(Lane *self, void *closure) {
@@ -818,6 +843,17 @@ static struct PyModuleDef lane_module = {
 PyMODINIT_FUNC PyInit__lane(void) {
     if (PyType_Ready(&LaneType) < 0)
         return NULL;
+    /* Once per process however often the module is initialised: a child must know that the
+     * rings it carries are its parent's (ring_inherited). */
+    static int counting;
+    if (!counting) {
+        int err = pthread_atfork(NULL, NULL, count_fork);
+        if (err) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        counting = 1;
+    }
     PyObject *m = PyModule_Create(&lane_module);
     if (m == NULL)
         return NULL;

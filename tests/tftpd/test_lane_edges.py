@@ -1,0 +1,284 @@
+"""The compiled lane (tftpd/_lane.c) at the edges of its batched sends (io_uring): a process
+forked with a lane in it, a socket that is full, an io_uring_enter that fails, a wait that a
+signal interrupts.  Each is checked against what the one-send()-per-ACK path does; the common
+case is in test_lane.py."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from tftpd import _lane as lane_mod
+from tftpd.frames import Frames
+
+from .test_lane import BLK, SEG, ack
+from .test_lane import frames_of as frames_from
+
+
+def data_frame(block: int, data: bytes) -> bytes:
+    return struct.pack("!HH", 3, block & 0xFFFF) + data[(block - 1) * BLK:block * BLK]
+
+
+class Pair:
+    """A connected pair of datagram sockets, the server's end in an epoll object with a lane
+    on it.  ``family``: AF_INET (UDP on 127.0.0.1) or AF_UNIX (whose send to a full peer
+    fails with EAGAIN, which UDP on loopback never does)."""
+
+    def __init__(self, batch: bool, family: int = socket.AF_INET) -> None:
+        if family == socket.AF_UNIX:
+            self.server, self.client = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        else:
+            self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.client.bind(("127.0.0.1", 0))
+            self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.server.bind(("127.0.0.1", 0))
+            self.server.connect(self.client.getsockname())
+            self.client.connect(self.server.getsockname())
+        self.server.setblocking(False)
+        self.client.settimeout(2.0)
+        self.fd = self.server.fileno()
+        self.ep = select.epoll()
+        self.ep.register(self.fd, select.EPOLLIN)
+        self.lane = lane_mod.Lane(self.ep.fileno(), 512, batch)
+        assert self.lane.batched == batch, (
+            f"no io_uring here ({errno.errorcode.get(self.lane.batch_error or 0)}): the "
+            "batched path cannot be tested")
+
+    def close(self) -> None:
+        self.lane.disarm(self.fd)
+        self.lane.close()
+        self.ep.close()
+        self.server.close()
+        self.client.close()
+
+    def arm(self, upto: int, frames: Frames, count: int, end: int) -> None:
+        self.lane.arm(self.fd, upto, frames.view, 1, count, end, SEG, True, None,
+                      time.perf_counter())
+
+    def nothing_for_client(self) -> bool:
+        self.client.settimeout(0.05)
+        try:
+            self.client.recv(4096)
+        except (TimeoutError, BlockingIOError):
+            return True
+        finally:
+            self.client.settimeout(2.0)
+        return False
+
+
+@contextmanager
+def pair(batch: bool, family: int = socket.AF_INET) -> Iterator[Pair]:
+    p = Pair(batch, family)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def frames_of(data: bytes) -> tuple[Frames, int, int]:
+    """Frames of ``data`` as blocks 1.. (the last one short), their count and end."""
+    return frames_from(data, 1)
+
+
+def in_child(body) -> int:  # type: ignore[no-untyped-def]
+    """Run ``body()`` in a forked child; its exit status (0: it returned True)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if body() else 1
+        except BaseException:  # noqa: BLE001 -- the child must never return into pytest
+            code = 2
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+def ring_maps() -> set[tuple[int, int]]:
+    """The io_uring mappings of this process, as (start, end) addresses."""
+    out = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "io_uring" in line:
+                lo, hi = line.split()[0].split("-")
+                out.add((int(lo, 16), int(hi, 16)))
+    return out
+
+
+# -- fork ----------------------------------------------------------------------------------------
+
+
+def test_a_lane_carried_into_a_forked_child_answers_with_send() -> None:
+    """The ring's memory is MADV_DONTFORK: a child forked with a lane in it has the lane's
+    pointers into the ring but not the ring.  Its lane answers with one send() per ACK (as
+    where io_uring cannot be set up) instead of writing through those pointers, and the
+    parent's ring is unharmed by the child's lane closing."""
+    data = bytes(range(6 * BLK))
+    frames, n, end = frames_of(data)
+    with pair(True) as p:
+
+        def child() -> bool:
+            p.arm(1, frames, n, end)
+            p.client.send(ack(1))
+            ok = p.lane.poll(1.0) == [] and p.lane.answered == 1
+            ok = ok and p.client.recv(4096) == data_frame(2, data)
+            ok = ok and not p.lane.batched and p.lane.datagrams == 1
+            p.lane.close()
+            return ok
+
+        status = in_child(child)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+            f"child: {os.WTERMSIG(status) and signal.Signals(os.WTERMSIG(status)).name}"
+            if os.WIFSIGNALED(status) else f"child exit {os.WEXITSTATUS(status)}")
+        # The parent's ring still sends (the child closed only its own copy of the fd).
+        assert p.lane.batched
+        batches = p.lane.batches
+        p.arm(1, frames, n, end)
+        p.client.send(ack(1))
+        assert p.lane.poll(1.0) == [] and p.lane.answered == 1
+        assert p.lane.batches == batches + 1
+        assert p.client.recv(4096) == data_frame(2, data)
+
+
+def test_a_forked_child_closing_its_lane_leaves_its_own_memory_alone() -> None:
+    """In a forked child the ring's addresses are free (MADV_DONTFORK) and the child may map
+    something else there: closing (or collecting) the lane must not munmap it."""
+    before = ring_maps()
+    with pair(True) as p:
+        mine = sorted(ring_maps() - before)
+        assert mine, "the lane's ring mappings are not in /proc/self/maps"
+
+        def child() -> bool:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_int, ctypes.c_long]
+            prot, flags = 0x1 | 0x2, 0x02 | 0x20 | 0x100000  # RW; PRIVATE|ANON|FIXED_NOREPLACE
+            for lo, hi in mine:
+                got = libc.mmap(lo, hi - lo, prot, flags, -1, 0)
+                if got != lo:
+                    return False  # the hole is not there: nothing to show
+                ctypes.memset(lo, 0x5A, hi - lo)
+            p.lane.close()
+            return all(ctypes.string_at(lo, 4) == b"\x5a" * 4 for lo, _ in mine)
+
+        status = in_child(child)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+            f"child: {os.WTERMSIG(status) and signal.Signals(os.WTERMSIG(status)).name}"
+            if os.WIFSIGNALED(status) else f"child exit {os.WEXITSTATUS(status)}")
+
+
+# -- the kernel refusing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["io_uring", "send"])
+def test_a_full_socket_hands_the_ack_back_unanswered(batch: bool) -> None:
+    """EAGAIN (the peer's queue is full): nothing counted as sent, the ACK as it came goes
+    to the pump, batched or not."""
+    data = bytes(range(6 * BLK))
+    frames, n, end = frames_of(data)
+    with pair(batch, socket.AF_UNIX) as p:
+        while True:  # fill the client's queue
+            try:
+                p.server.send(b"x")
+            except BlockingIOError:
+                break
+        p.arm(1, frames, n, end)
+        p.client.send(ack(1))
+        assert p.lane.poll(1.0) == [(p.fd, select.EPOLLIN)]
+        assert p.lane.answered == 0 and p.lane.datagrams == 0 and p.lane.pending == 1
+        upto, _, srtt, sent, held = p.lane.disarm(p.fd)
+        assert (upto, srtt, sent, held) == (1, None, 0, ack(1))
+
+
+def ring_fds() -> set[int]:
+    """The descriptors of this process that are io_urings."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "io_uring" in os.readlink(f"/proc/self/fd/{fd}"):
+                out.add(int(fd))
+        except FileNotFoundError:  # the listing's own descriptor
+            pass
+    return out
+
+
+def test_a_failed_submit_leaves_nothing_queued_for_the_next() -> None:
+    """An io_uring_enter that fails (here EBADF) sends nothing and hands every ACK to the
+    pump; what it left in the ring is taken off again, so the next batch sends its own frame
+    only, not the refused one too."""
+    data = bytes(range(6 * BLK))
+    frames, n, end = frames_of(data)
+    before = ring_fds()
+    with pair(True) as p:
+        (fd,) = ring_fds() - before
+        saved = os.dup(fd)
+        try:
+            os.close(fd)
+            p.arm(1, frames, n, end)
+            p.client.send(ack(1))
+            assert p.lane.poll(1.0) == [(p.fd, select.EPOLLIN)]
+            assert p.lane.answered == 0 and p.lane.datagrams == 0
+            assert p.lane.disarm(p.fd)[::4] == (1, ack(1))
+            assert p.nothing_for_client()
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+        p.arm(1, frames, n, end)
+        p.client.send(ack(1))
+        assert p.lane.poll(1.0) == [] and p.lane.answered == 1
+        assert p.client.recv(4096) == data_frame(2, data)
+        assert p.nothing_for_client()  # the refused batch did not go out with this one
+        assert p.lane.disarm(p.fd)[::4] == (2, None)
+
+
+# -- signals -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def alarm(seconds: float, handler) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["io_uring", "send"])
+def test_a_signal_runs_its_handler_and_the_wait_goes_on(batch: bool) -> None:
+    """A signal interrupts the wait: its handler runs, and poll() waits out the rest of its
+    timeout (PEP 475); a handler that raises ends poll() with its exception, and what the
+    lane holds is still reported by the next poll()."""
+    frames, n, end = frames_of(bytes(8 * BLK))
+    with pair(batch) as p:
+        p.arm(3, frames, n, end)
+        p.client.send(ack(2))  # not the newest: held for the pump
+        assert p.lane.poll(1.0) == [(p.fd, select.EPOLLIN)]
+        hits = []
+        with alarm(0.05, lambda *_: hits.append(1)):
+            t0 = time.monotonic()
+            assert p.lane.poll(0.3) == [(p.fd, select.EPOLLIN)]
+            assert time.monotonic() - t0 >= 0.29 and hits == [1]
+
+        class Stop(Exception):
+            pass
+
+        def stop(*_: object) -> None:
+            raise Stop
+
+        with alarm(0.05, stop), pytest.raises(Stop):
+            p.lane.poll(-1)
+        assert p.lane.poll(0) == [(p.fd, select.EPOLLIN)]
+        assert p.lane.disarm(p.fd)[::4] == (3, ack(2))
