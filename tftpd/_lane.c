@@ -620,14 +620,15 @@ static int flush(Lane *self) {
 /* Append (fd, ev) to ``out``, making what the slot kept a Python object first. */
 static int report(PyObject *out, Slot *s, int fd, uint32_t ev) {
     if (s != NULL && s->held == NULL && (s->kept != NULL || s->kept_errno)) {
-        s->held = s->kept != NULL
+        PyObject *held = s->kept != NULL
             ? PyBytes_FromStringAndSize((const char *)s->kept, s->kept_len)
             : PyLong_FromLong(s->kept_errno);
+        if (held == NULL)
+            return -1;  /* still kept: the next poll() or disarm() tries again */
+        s->held = held;
         free(s->kept);
         s->kept = NULL;
         s->kept_errno = 0;
-        if (s->held == NULL)
-            return -1;
     }
     PyObject *item = Py_BuildValue("(iI)", fd, (unsigned int)ev);
     if (item == NULL || PyList_Append(out, item) < 0) {

@@ -89,14 +89,18 @@ async def test_serves_and_stops_on_sigterm(tree: Path) -> None:
         cli.proc.kill()
 
 
-@pytest.mark.parametrize(("flag", "lane"), [([], b"compiled"), (["--python-lane"], b"python")])
+@pytest.mark.parametrize(("flag", "lane"), [([], rb"compiled\+io_uring"),
+                                            (["--no-batch-sends"], rb"compiled"),
+                                            (["--python-lane"], rb"python")])
 async def test_the_lock_step_lane_is_compiled_unless_asked_for_python(
         tree: Path, flag: list[str], lane: bytes) -> None:
-    """The compiled lane is built by the install (CI included): the daemon says which lane
-    answers lock-step ACKs, and ``--python-lane`` chooses the Python one."""
+    """The compiled lane is built by the install (CI included) and sends its batches through
+    io_uring (this kernel has it): the daemon says which lane answers lock-step ACKs;
+    ``--no-batch-sends`` makes it send one send() per ACK, ``--python-lane`` chooses the
+    Python one."""
     cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0", *flag])
     try:
-        assert re.search(rb"listening .* lane=" + lane, cli.log)
+        assert re.search(rb"listening .* lane=" + lane + rb"(\s|$)", cli.log)
         res = await fetch(("127.0.0.1", cli.port), "1m.bin", blksize=1428, bind=CLIENT_A)
         assert res.sha256 == file_sha256(tree / CLIENT_A / "1m.bin")
         cli.proc.send_signal(signal.SIGTERM)
