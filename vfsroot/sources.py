@@ -47,6 +47,8 @@ class SourceRoot:
                 if is_client_name(entry.name):
                     if entry.is_dir():
                         found.add(entry.name)
+                    else:  # a file (or a dangling link) where the client's directory goes
+                        self._ignored(entry.name)
                 elif (client := client_of_config(entry.name)) is not None:
                     found.add(client)
                 elif entry.name != DEFAULT:

@@ -21,7 +21,7 @@ def test_clients_are_exact_names_and_the_rest_is_reported_once(
     source = SourceRoot(tmp_path)
     assert source.clients() == ["10.0.0.5", "10.0.0.7", "fe80::5"]
     warned = sorted(r.args[1] for r in caplog.records)  # type: ignore[index]
-    assert warned == ["10.0.0.05", "10.0.0.8.NBD", "FE80::6", "notes"]
+    assert warned == ["10.0.0.05", "10.0.0.8.NBD", "10.0.0.9", "FE80::6", "notes"]
     caplog.clear()
     source.clients()
     assert caplog.records == []  # once per entry, not once per listing
