@@ -45,28 +45,35 @@ def ack(block: int) -> bytes:
 
 
 class Wire:
-    """A connected pair of UDP sockets on 127.0.0.1, the server's end in an epoll object
-    with a lane on it."""
+    """A connected pair of datagram sockets, the server's end in an epoll object with a lane
+    on it (batched: ``batch``, else as the ``batch`` fixture says).  ``family``: AF_INET (UDP
+    on 127.0.0.1) or AF_UNIX (whose send to a full peer fails with EAGAIN, which UDP on
+    loopback never does)."""
 
-    def __init__(self) -> None:
-        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.client.bind(("127.0.0.1", 0))
-        self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.server.bind(("127.0.0.1", 0))
-        self.server.connect(self.client.getsockname())
-        self.client.connect(self.server.getsockname())
+    def __init__(self, batch: bool | None = None, family: int = socket.AF_INET) -> None:
+        batch = BATCH if batch is None else batch
+        if family == socket.AF_UNIX:
+            self.server, self.client = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        else:
+            self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.client.bind(("127.0.0.1", 0))
+            self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.server.bind(("127.0.0.1", 0))
+            self.server.connect(self.client.getsockname())
+            self.client.connect(self.server.getsockname())
         self.server.setblocking(False)
         self.client.settimeout(2.0)
         self.fd = self.server.fileno()
         self.ep = select.epoll()
         self.ep.register(self.fd, select.EPOLLIN)
-        self.lane = lane_mod.Lane(self.ep.fileno(), 512, BATCH)
-        assert self.lane.batched == BATCH, (
+        self.lane = lane_mod.Lane(self.ep.fileno(), 512, batch)
+        assert self.lane.batched == batch, (
             f"no io_uring here ({errno.errorcode.get(self.lane.batch_error or 0)}): the "
             "batched path cannot be tested")
 
     def close(self) -> None:
         self.lane.disarm(self.fd)
+        self.lane.close()
         self.ep.close()
         self.server.close()
         self.client.close()
@@ -75,7 +82,7 @@ class Wire:
         self.client.settimeout(0.05)
         try:
             self.client.recv(4096)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             return True
         finally:
             self.client.settimeout(2.0)
@@ -83,8 +90,8 @@ class Wire:
 
 
 @contextmanager
-def wire() -> Iterator[Wire]:
-    w = Wire()
+def wire(batch: bool | None = None, family: int = socket.AF_INET) -> Iterator[Wire]:
+    w = Wire(batch, family)
     try:
         yield w
     finally:

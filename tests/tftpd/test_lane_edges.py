@@ -6,7 +6,6 @@ case is in test_lane.py."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import select
 import signal
@@ -18,10 +17,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from tftpd import _lane as lane_mod
 from tftpd.frames import Frames
 
-from .test_lane import BLK, SEG, ack
+from .test_lane import BLK, SEG, Wire, ack, wire
 from .test_lane import frames_of as frames_from
 
 
@@ -29,60 +27,9 @@ def data_frame(block: int, data: bytes) -> bytes:
     return struct.pack("!HH", 3, block & 0xFFFF) + data[(block - 1) * BLK:block * BLK]
 
 
-class Pair:
-    """A connected pair of datagram sockets, the server's end in an epoll object with a lane
-    on it.  ``family``: AF_INET (UDP on 127.0.0.1) or AF_UNIX (whose send to a full peer
-    fails with EAGAIN, which UDP on loopback never does)."""
-
-    def __init__(self, batch: bool, family: int = socket.AF_INET) -> None:
-        if family == socket.AF_UNIX:
-            self.server, self.client = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        else:
-            self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.client.bind(("127.0.0.1", 0))
-            self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.server.bind(("127.0.0.1", 0))
-            self.server.connect(self.client.getsockname())
-            self.client.connect(self.server.getsockname())
-        self.server.setblocking(False)
-        self.client.settimeout(2.0)
-        self.fd = self.server.fileno()
-        self.ep = select.epoll()
-        self.ep.register(self.fd, select.EPOLLIN)
-        self.lane = lane_mod.Lane(self.ep.fileno(), 512, batch)
-        assert self.lane.batched == batch, (
-            f"no io_uring here ({errno.errorcode.get(self.lane.batch_error or 0)}): the "
-            "batched path cannot be tested")
-
-    def close(self) -> None:
-        self.lane.disarm(self.fd)
-        self.lane.close()
-        self.ep.close()
-        self.server.close()
-        self.client.close()
-
-    def arm(self, upto: int, frames: Frames, count: int, end: int) -> None:
-        self.lane.arm(self.fd, upto, frames.view, 1, count, end, SEG, True, None,
-                      time.perf_counter())
-
-    def nothing_for_client(self) -> bool:
-        self.client.settimeout(0.05)
-        try:
-            self.client.recv(4096)
-        except (TimeoutError, BlockingIOError):
-            return True
-        finally:
-            self.client.settimeout(2.0)
-        return False
-
-
-@contextmanager
-def pair(batch: bool, family: int = socket.AF_INET) -> Iterator[Pair]:
-    p = Pair(batch, family)
-    try:
-        yield p
-    finally:
-        p.close()
+def arm(w: Wire, upto: int, frames: Frames, count: int, end: int) -> None:
+    """Arm ``w`` with blocks 1..``count`` of ``frames``, block ``upto`` in flight."""
+    w.lane.arm(w.fd, upto, frames.view, 1, count, end, SEG, True, None, time.perf_counter())
 
 
 def frames_of(data: bytes) -> tuple[Frames, int, int]:
@@ -125,10 +72,10 @@ def test_a_lane_carried_into_a_forked_child_answers_with_send() -> None:
     parent's ring is unharmed by the child's lane closing."""
     data = bytes(range(6 * BLK))
     frames, n, end = frames_of(data)
-    with pair(True) as p:
+    with wire(True) as p:
 
         def child() -> bool:
-            p.arm(1, frames, n, end)
+            arm(p, 1, frames, n, end)
             p.client.send(ack(1))
             ok = p.lane.poll(1.0) == [] and p.lane.answered == 1
             ok = ok and p.client.recv(4096) == data_frame(2, data)
@@ -143,7 +90,7 @@ def test_a_lane_carried_into_a_forked_child_answers_with_send() -> None:
         # The parent's ring still sends (the child closed only its own copy of the fd).
         assert p.lane.batched
         batches = p.lane.batches
-        p.arm(1, frames, n, end)
+        arm(p, 1, frames, n, end)
         p.client.send(ack(1))
         assert p.lane.poll(1.0) == [] and p.lane.answered == 1
         assert p.lane.batches == batches + 1
@@ -154,7 +101,7 @@ def test_a_forked_child_closing_its_lane_leaves_its_own_memory_alone() -> None:
     """In a forked child the ring's addresses are free (MADV_DONTFORK) and the child may map
     something else there: closing (or collecting) the lane must not munmap it."""
     before = ring_maps()
-    with pair(True) as p:
+    with wire(True) as p:
         mine = sorted(ring_maps() - before)
         assert mine, "the lane's ring mappings are not in /proc/self/maps"
 
@@ -187,13 +134,13 @@ def test_a_full_socket_hands_the_ack_back_unanswered(batch: bool) -> None:
     to the pump, batched or not."""
     data = bytes(range(6 * BLK))
     frames, n, end = frames_of(data)
-    with pair(batch, socket.AF_UNIX) as p:
+    with wire(batch, socket.AF_UNIX) as p:
         while True:  # fill the client's queue
             try:
                 p.server.send(b"x")
             except BlockingIOError:
                 break
-        p.arm(1, frames, n, end)
+        arm(p, 1, frames, n, end)
         p.client.send(ack(1))
         assert p.lane.poll(1.0) == [(p.fd, select.EPOLLIN)]
         assert p.lane.answered == 0 and p.lane.datagrams == 0 and p.lane.pending == 1
@@ -220,12 +167,12 @@ def test_a_failed_submit_leaves_nothing_queued_for_the_next() -> None:
     data = bytes(range(6 * BLK))
     frames, n, end = frames_of(data)
     before = ring_fds()
-    with pair(True) as p:
+    with wire(True) as p:
         (fd,) = ring_fds() - before
         saved = os.dup(fd)
         try:
             os.close(fd)
-            p.arm(1, frames, n, end)
+            arm(p, 1, frames, n, end)
             p.client.send(ack(1))
             assert p.lane.poll(1.0) == [(p.fd, select.EPOLLIN)]
             assert p.lane.answered == 0 and p.lane.datagrams == 0
@@ -234,7 +181,7 @@ def test_a_failed_submit_leaves_nothing_queued_for_the_next() -> None:
         finally:
             os.dup2(saved, fd)
             os.close(saved)
-        p.arm(1, frames, n, end)
+        arm(p, 1, frames, n, end)
         p.client.send(ack(1))
         assert p.lane.poll(1.0) == [] and p.lane.answered == 1
         assert p.client.recv(4096) == data_frame(2, data)
@@ -262,8 +209,8 @@ def test_a_signal_runs_its_handler_and_the_wait_goes_on(batch: bool) -> None:
     timeout (PEP 475); a handler that raises ends poll() with its exception, and what the
     lane holds is still reported by the next poll()."""
     frames, n, end = frames_of(bytes(8 * BLK))
-    with pair(batch) as p:
-        p.arm(3, frames, n, end)
+    with wire(batch) as p:
+        arm(p, 3, frames, n, end)
         p.client.send(ack(2))  # not the newest: held for the pump
         assert p.lane.poll(1.0) == [(p.fd, select.EPOLLIN)]
         hits = []
