@@ -23,6 +23,25 @@ from tftpd.session import TransferPolicy
 FAST = TransferPolicy(retransmit_timeout=0.1, retries=8)
 
 
+def io_uring_refused() -> str | None:
+    """Why this machine refuses a process an io_uring (a kernel before 5.7, the
+    ``kernel.io_uring_disabled`` sysctl, a seccomp filter), or None: then the compiled lane
+    must batch its sends, and a lane that does not is a failure, not a skip."""
+    major, minor = (int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    if (major, minor) < (5, 7):
+        return f"kernel {os.uname().release} is older than 5.7"
+    try:
+        with open("/proc/sys/kernel/io_uring_disabled") as f:
+            if f.read().strip() != "0":
+                return "kernel.io_uring_disabled is set"
+    except FileNotFoundError:  # before 6.6: no such sysctl
+        pass
+    with open("/proc/self/status") as f:
+        if any(line.split() == ["Seccomp:", "2"] for line in f):
+            return "this process runs under a seccomp filter"
+    return None
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -22,7 +22,7 @@ from tftpd.client import fetch
 from tftpd.server import ServerConfig, TftpServer
 
 from .conftest import CLIENT_A
-from .helpers import FAST, DaemonProcess, RawClient, file_sha256
+from .helpers import FAST, DaemonProcess, RawClient, file_sha256, io_uring_refused
 
 PY = sys.executable
 
@@ -98,6 +98,8 @@ async def test_the_lock_step_lane_is_compiled_unless_asked_for_python(
     io_uring (this kernel has it): the daemon says which lane answers lock-step ACKs;
     ``--no-batch-sends`` makes it send one send() per ACK, ``--python-lane`` chooses the
     Python one."""
+    if lane.endswith(rb"io_uring") and (reason := io_uring_refused()) is not None:
+        pytest.skip(f"no io_uring: {reason}")
     cli = await start_cli(["--root", str(tree), "--listen", "127.0.0.1:0", *flag])
     try:
         assert re.search(rb"listening .* lane=" + lane + rb"(\s|$)", cli.log)
