@@ -178,7 +178,8 @@ static void ring_close(Ring *r) {
     if (!r->live)
         return;
     if (ring_inherited(r)) {  /* not our mappings (only our copy of the descriptor) */
-        close(r->fd);
+        if (r->fd >= 0)
+            close(r->fd);
         memset(r, 0, sizeof *r);
         return;
     }
@@ -188,7 +189,8 @@ static void ring_close(Ring *r) {
         munmap(r->cq_map, r->cq_len);
     if (r->sq_map != NULL && r->sq_map != MAP_FAILED)
         munmap(r->sq_map, r->sq_len);
-    close(r->fd);
+    if (r->fd >= 0)
+        close(r->fd);
     memset(r, 0, sizeof *r);
 }
 
@@ -561,9 +563,12 @@ static int flush(Lane *self) {
     Ring *r = &self->ring;
     int want = self->nqueued, submitted, sent = 0;
     self->nqueued = 0;
+    int refused = 0;
     do
         submitted = (int)syscall(__NR_io_uring_enter, r->fd, (unsigned)want, 0u, 0u, NULL, 0);
     while (submitted < 0 && errno == EINTR);
+    if (submitted < 0 && errno != EAGAIN && errno != EBUSY && errno != ENOMEM)
+        refused = errno;  /* not a passing shortage (EBADF, EFAULT, ...): the ring is unusable */
     double now = monotonic();
     if (submitted > 0)
         self->batches += 1;
@@ -586,11 +591,16 @@ static int flush(Lane *self) {
     while (done < submitted) {
         unsigned ch = *r->cq_head, ct = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
         if (ch == ct) {
-            /* Not seen here: a UDP send with MSG_DONTWAIT completes inside the submit. */
+            /* Not seen here: a UDP send with MSG_DONTWAIT completes inside the submit.  Were
+             * one ever left waiting for room in the socket, this waits for it (loopback and
+             * a NIC free that room within microseconds) rather than return while the kernel
+             * may still read a frame buffer the pump could release. */
             int w = (int)syscall(__NR_io_uring_enter, r->fd, 0u, (unsigned)(submitted - done),
                                  IORING_ENTER_GETEVENTS, NULL, 0);
-            if (w < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY && ++stuck > 3)
+            if (w < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY && ++stuck > 3) {
+                refused = errno;
                 break;
+            }
             continue;
         }
         for (; ch != ct; ch++) {
@@ -603,7 +613,7 @@ static int flush(Lane *self) {
     }
     if (done < submitted) {
         /* The ring no longer answers: end the transfers whose sends it holds (their frames
-         * stay exported until the pump disarms them) and send one send() each from now on. */
+         * stay exported until the pump disarms them). */
         for (Py_ssize_t fd = 0; fd < self->nslots; fd++) {
             Slot *s = &self->slots[fd];
             if (s->queued) {
@@ -611,7 +621,13 @@ static int flush(Lane *self) {
                 keep(self, (int)fd, s, NULL, 0, EIO);
             }
         }
-        self->ring_errno = errno ? errno : EIO;
+    }
+    if (refused) {
+        /* One send() per ACK from now on; the pump sees ``batched`` turn false and says so. */
+        self->ring_errno = refused;
+        if (refused == EBADF)
+            r->fd = -1;  /* the number is not the ring's any more: closing it could close
+                          * whatever the process opened there since */
         ring_close(r);
     }
     return sent;

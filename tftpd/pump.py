@@ -192,6 +192,8 @@ class Pump:
         #: the answers of one wait in one io_uring_enter where it can.
         self._lane = (lane.CompiledLane(self._ep.fileno(), 512, batch=batch_sends)
                       if compiled_lane and lane.AVAILABLE else None)
+        #: Whether the lane batched its sends when last looked at (:meth:`_note_ring_lost`).
+        self._batched = self._lane is not None and self._lane.batched
         self._poll: Callable[[float], list[tuple[int, int]]] = (
             self._lane.poll if self._lane is not None
             else functools.partial(self._ep.poll, maxevents=512))
@@ -445,6 +447,8 @@ class Pump:
                                 events = self._wait_direct(yield_at)
                                 if events is None:
                                     break
+                        if self._batched:
+                            self._note_ring_lost()
                         if busy:  # still work to do: let the other tasks in, then go on
                             await trio.lowlevel.checkpoint()
                             continue
@@ -563,6 +567,17 @@ class Pump:
                     self._step(t, now, self._expired)
             worked = True
         return worked
+
+    def _note_ring_lost(self) -> None:
+        """Say once that the compiled lane gave up its io_uring mid-run (the kernel refused a
+        submit for good): it sends one send() per ACK from then on, at more CPU per packet,
+        and the transfers whose sends the ring held ended -- an operator must not have to
+        guess why."""
+        if self._batched and self._lane is not None and not self._lane.batched:
+            self._batched = False
+            err = self._lane.batch_error
+            log.warning("io_uring failed (%s): the lock-step lane sends one send() per ACK "
+                        "from now on", os.strerror(err) if err else "unknown error")
 
     def _drain_wake(self) -> None:
         """Reset the wake-up eventfd and run the calls worker threads posted (their work,

@@ -48,24 +48,23 @@ class SourceRoot:
                     if entry.is_dir():
                         found.add(entry.name)
                     else:  # a file (or a dangling link) where the client's directory goes
-                        self._ignored(entry.name)
+                        self._ignored(entry.name, "a client's entry must be a directory")
                 elif (client := client_of_config(entry.name)) is not None:
                     found.add(client)
                 elif entry.name != DEFAULT:
                     self._ignored(entry.name)
         return sorted(found, key=_address_order)
 
-    def _ignored(self, name: str) -> None:
+    def _ignored(self, name: str, why: str = "not default/, <ip>/ or <ip>.nbd with the IP in "
+                  "its canonical form (e.g. 10.0.0.5, fe80::5)") -> None:
         """Say once that an entry of the source root is not used: an operator's typo
-        (`10.0.0.05/`, `10.0.0.5.NBD`) must not fail silently."""
+        (`10.0.0.05/`, `10.0.0.5.NBD`, a file `10.0.0.5`) must not fail silently."""
         if name in self._warned:
             return
         self._warned.add(name)
         if len(self._warned) > 10_000:
             self._warned.clear()
-        log.warning("source root entry ignored: not default/, <ip>/ or <ip>.nbd with the IP in "
-                    "its canonical form (e.g. 10.0.0.5, fe80::5) source=%s entry=%r",
-                    self.root, name)
+        log.warning("source root entry ignored: %s source=%s entry=%r", why, self.root, name)
 
     def layers(self, client: str) -> list[Layer]:
         """The ordered layers of `client`'s view, highest first."""

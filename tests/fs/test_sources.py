@@ -20,8 +20,10 @@ def test_clients_are_exact_names_and_the_rest_is_reported_once(
     caplog.set_level(logging.WARNING, logger="vfsroot.sources")
     source = SourceRoot(tmp_path)
     assert source.clients() == ["10.0.0.5", "10.0.0.7", "fe80::5"]
-    warned = sorted(r.args[1] for r in caplog.records)  # type: ignore[index]
+    warned = sorted(r.args[2] for r in caplog.records)  # type: ignore[index]
     assert warned == ["10.0.0.05", "10.0.0.8.NBD", "10.0.0.9", "FE80::6", "notes"]
+    (file_warning,) = [r.getMessage() for r in caplog.records if r.args[2] == "10.0.0.9"]  # type: ignore[index]
+    assert "must be a directory" in file_warning
     caplog.clear()
     source.clients()
     assert caplog.records == []  # once per entry, not once per listing

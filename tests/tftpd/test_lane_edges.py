@@ -6,6 +6,8 @@ case is in test_lane.py."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import logging
 import os
 import select
 import signal
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 import pytest
 
 from tftpd.frames import Frames
+from tftpd.pump import Pump
 
 from .test_lane import BLK, SEG, Wire, ack, wire
 from .test_lane import frames_of as frames_from
@@ -113,13 +116,15 @@ def test_a_forked_child_closing_its_lane_leaves_its_own_memory_alone() -> None:
             prot, flags = 0x1 | 0x2, 0x02 | 0x20 | 0x100000  # RW; PRIVATE|ANON|FIXED_NOREPLACE
             for lo, hi in mine:
                 got = libc.mmap(lo, hi - lo, prot, flags, -1, 0)
-                if got != lo:
-                    return False  # the hole is not there: nothing to show
+                if got != lo:  # the ring's memory came along: MADV_DONTFORK did not apply
+                    os._exit(3)
                 ctypes.memset(lo, 0x5A, hi - lo)
             p.lane.close()
             return all(ctypes.string_at(lo, 4) == b"\x5a" * 4 for lo, _ in mine)
 
         status = in_child(child)
+        assert not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3), (
+            "the child had the ring's memory: MADV_DONTFORK did not apply")
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
             f"child: {os.WTERMSIG(status) and signal.Signals(os.WTERMSIG(status)).name}"
             if os.WIFSIGNALED(status) else f"child exit {os.WEXITSTATUS(status)}")
@@ -160,16 +165,17 @@ def ring_fds() -> set[int]:
     return out
 
 
-def test_a_failed_submit_leaves_nothing_queued_for_the_next() -> None:
-    """An io_uring_enter that fails (here EBADF) sends nothing and hands every ACK to the
-    pump; what it left in the ring is taken off again, so the next batch sends its own frame
-    only, not the refused one too."""
+def test_a_ring_the_kernel_refuses_is_dropped_and_its_queue_never_goes_out() -> None:
+    """An io_uring_enter that fails for good (here EBADF: the ring's descriptor closed under
+    the lane) sends nothing and hands every ACK to the pump.  The lane drops the ring --
+    without closing that number, which may be another file's by then -- and answers with
+    send() from then on; the refused frame never goes out with a later one."""
     data = bytes(range(6 * BLK))
     frames, n, end = frames_of(data)
     before = ring_fds()
     with wire(True) as p:
         (fd,) = ring_fds() - before
-        saved = os.dup(fd)
+        saved = os.dup(fd)  # the ring itself stays open: only the lane's number goes away
         try:
             os.close(fd)
             arm(p, 1, frames, n, end)
@@ -178,15 +184,56 @@ def test_a_failed_submit_leaves_nothing_queued_for_the_next() -> None:
             assert p.lane.answered == 0 and p.lane.datagrams == 0
             assert p.lane.disarm(p.fd)[::4] == (1, ack(1))
             assert p.nothing_for_client()
+            assert not p.lane.batched and p.lane.batch_error == errno.EBADF
+            other = os.open("/dev/null", os.O_RDONLY)  # the lowest free number: the old one
+            try:
+                assert other == fd
+                arm(p, 1, frames, n, end)
+                p.client.send(ack(1))
+                assert p.lane.poll(1.0) == [] and p.lane.answered == 1
+                assert p.client.recv(4096) == data_frame(2, data)
+                assert p.nothing_for_client()  # the refused batch did not go out with it
+                assert p.lane.disarm(p.fd)[::4] == (2, None)
+                p.lane.close()
+                os.fstat(other)  # still open: the lane did not close it as its ring
+            finally:
+                os.close(other)
         finally:
-            os.dup2(saved, fd)
             os.close(saved)
-        arm(p, 1, frames, n, end)
-        p.client.send(ack(1))
-        assert p.lane.poll(1.0) == [] and p.lane.answered == 1
-        assert p.client.recv(4096) == data_frame(2, data)
-        assert p.nothing_for_client()  # the refused batch did not go out with this one
-        assert p.lane.disarm(p.fd)[::4] == (2, None)
+
+
+def test_a_pump_whose_lane_loses_io_uring_says_so_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The operator learns why CPU per packet rose: one warning when the lane drops its
+    ring mid-run, with the kernel's reason, and no more."""
+    data = bytes(range(6 * BLK))
+    frames, n, end = frames_of(data)
+    before = ring_fds()
+    pump = Pump()
+    w = Wire(False)
+    try:
+        assert pump.batched_sends
+        (fd,) = ring_fds() - before
+        saved = os.dup(fd)
+        os.close(fd)
+        w.ep.unregister(w.fd)
+        pump._ep.register(w.fd, select.EPOLLIN)
+        lane = pump._lane._lane  # type: ignore[union-attr]
+        lane.arm(w.fd, 1, frames.view, 1, n, end, SEG, True, None, time.perf_counter())
+        w.client.send(ack(1))
+        assert lane.poll(1.0) == [(w.fd, select.EPOLLIN)]
+        lane.disarm(w.fd)
+        caplog.set_level(logging.WARNING, logger="tftpd.pump")
+        pump._note_ring_lost()
+        pump._note_ring_lost()
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and "Bad file descriptor" in warned[0]
+        assert not pump.batched_sends and pump.batch_error == errno.EBADF
+        os.close(saved)
+    finally:
+        pump._ep.unregister(w.fd)
+        pump.close()
+        w.close()
 
 
 # -- signals -------------------------------------------------------------------------------------
