@@ -570,9 +570,9 @@ class Pump:
 
     def _note_ring_lost(self) -> None:
         """Say once that the compiled lane gave up its io_uring mid-run (the kernel refused a
-        submit for good): it sends one send() per ACK from then on, at more CPU per packet,
-        and the transfers whose sends the ring held ended -- an operator must not have to
-        guess why."""
+        submit for good): it sends one send() per ACK from then on, at more CPU per packet
+        -- an operator must not have to guess why.  What it had queued went back to the
+        pump; a send the ring took and never completed ended its transfer."""
         if self._batched and self._lane is not None and not self._lane.batched:
             self._batched = False
             err = self._lane.batch_error

@@ -461,7 +461,7 @@ class TftpServer:
                         "reinstall with gcc and python3-dev present")
         elif pump.batch_error is not None:
             log.warning("io_uring unavailable (%s): the lock-step lane sends one send() per ACK, "
-                     "which costs more CPU in a boot storm", os.strerror(pump.batch_error))
+                        "which costs more CPU in a boot storm", os.strerror(pump.batch_error))
         self.opener = opener = OpenerPool(self._roots, self._limiter, watcher=pump)
         inline = self._inline_opener()
         buckets = _TokenBucket(self.config.error_replies_per_second)
