@@ -177,18 +177,14 @@ static int refuse_busy(Lane *self) {
 static void ring_close(Ring *r) {
     if (!r->live)
         return;
-    if (ring_inherited(r)) {  /* not our mappings (only our copy of the descriptor) */
-        if (r->fd >= 0)
-            close(r->fd);
-        memset(r, 0, sizeof *r);
-        return;
+    if (!ring_inherited(r)) {  /* an inherited ring's mappings are not ours: only the fd is */
+        if (r->sqe_map != NULL && r->sqe_map != MAP_FAILED)
+            munmap(r->sqe_map, r->sqe_len);
+        if (r->cq_map != NULL && r->cq_map != MAP_FAILED && r->cq_map != r->sq_map)
+            munmap(r->cq_map, r->cq_len);
+        if (r->sq_map != NULL && r->sq_map != MAP_FAILED)
+            munmap(r->sq_map, r->sq_len);
     }
-    if (r->sqe_map != NULL && r->sqe_map != MAP_FAILED)
-        munmap(r->sqe_map, r->sqe_len);
-    if (r->cq_map != NULL && r->cq_map != MAP_FAILED && r->cq_map != r->sq_map)
-        munmap(r->cq_map, r->cq_len);
-    if (r->sq_map != NULL && r->sq_map != MAP_FAILED)
-        munmap(r->sq_map, r->sq_len);
     if (r->fd >= 0)
         close(r->fd);
     memset(r, 0, sizeof *r);

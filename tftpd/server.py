@@ -46,6 +46,9 @@ from .session import Session, SessionContext, SessionResult, TransferPolicy, quo
 
 log = logging.getLogger(__name__)
 
+#: Characters of a client-chosen file name in a log line (names can be 64 KiB).
+_NAME_CHARS = 160
+
 IP_PKTINFO = 8  # linux/in.h; Python 3.11's socket module does not export it
 SYSTEMD_FIRST_FD = 3
 
@@ -632,14 +635,14 @@ class TftpServer:
         if key in self._active:
             self.stats.duplicate_requests += 1
             log.debug("retransmitted request ignored client=%s port=%d file=%s", client, port,
-                      quoted(packet.filename, 160))
+                      quoted(packet.filename, _NAME_CHARS))
             return
         if self._stopping or self.limits.stopping:
             # Not answered: an ERROR makes firmware give up the boot, while its retry in a
             # few seconds reaches the restarted server (or another one).
             self._noise.log("stopping", time.monotonic(), logging.INFO,
                             "request not answered: the server is stopping client=%s file=%s",
-                            client, quoted(packet.filename, 160))
+                            client, quoted(packet.filename, _NAME_CHARS))
             return
         handoff = self._handoff
         if handoff is None:
@@ -669,13 +672,13 @@ class TftpServer:
         if refused == BUSY:
             self._noise.log("busy", now, logging.WARNING,
                             "busy: session limit reached client=%s file=%s limit=%d", client,
-                            quoted(packet.filename, 160), cfg.max_sessions)
+                            quoted(packet.filename, _NAME_CHARS), cfg.max_sessions)
             message = f"server busy: {cfg.max_sessions} transfers running, retry later"
         else:
             assert refused == PER_IP, refused
             self._noise.log("per-ip", now, logging.WARNING,
                             "busy: per-client limit reached client=%s file=%s limit=%d", client,
-                            quoted(packet.filename, 160), cfg.max_sessions_per_ip)
+                            quoted(packet.filename, _NAME_CHARS), cfg.max_sessions_per_ip)
             message = (f"too many transfers for {client}: limit {cfg.max_sessions_per_ip}, "
                        "retry later")
         self._reply_error(sock, addr, ERR_NOT_DEFINED, message, bucket, dest)
@@ -846,8 +849,8 @@ class TftpServer:
         opts = ",".join(f"{k}={v}" for k, v in res.options.items()) or "-"
         log.log(level, "transfer client=%s port=%d file=%s bytes=%d seconds=%.3f MB/s=%.2f "
                 "options=%s retransmits=%d dup_acks=%d outcome=%s%s",
-                res.client, res.port, quoted(res.filename, 160), res.bytes_sent, res.seconds, rate,
-                opts, res.retransmits, res.duplicate_acks, res.outcome,
+                res.client, res.port, quoted(res.filename, _NAME_CHARS), res.bytes_sent,
+                res.seconds, rate, opts, res.retransmits, res.duplicate_acks, res.outcome,
                 f" detail={quoted(res.detail, 400)}" if res.detail else "")
 
 

@@ -88,7 +88,6 @@ class SessionResult:
     opened_inline: bool = False
 
 
-
 @dataclass
 class SessionContext:
     """What a session needs from its server; one instance shared by all sessions."""

@@ -365,6 +365,11 @@ class GuestDisk:
                 raise GuestError(errno_of(e), f"mounting {label} ({dev}) at {mountpoint}: "
                                  f"{e}") from None
             self.mounted.append(target)
+        self._forget_paths()
+
+    def _forget_paths(self) -> None:
+        """Drop the lookups of the disk's paths (lstat and readlink answers) together: one
+        without the other would resolve a path from a stale half."""
         self._lstat.clear()
         self._link.clear()
 
@@ -419,8 +424,7 @@ class GuestDisk:
         if path in self._lstat:
             return self._lstat[path]
         if len(self._lstat) >= MAX_CACHED:
-            self._lstat.clear()
-            self._link.clear()
+            self._forget_paths()
         try:
             st = self.g.lstatns(self._g(path))
         except RuntimeError as e:
@@ -594,8 +598,7 @@ class GuestDisk:
         except RuntimeError as e:
             raise GuestError(errno_of(e), str(e)) from None
         if real != want:
-            self._lstat.clear()
-            self._link.clear()
+            self._forget_paths()
             raise GuestError(errno.ESTALE, f"{path} changed on the disk while it was read "
                              "(a link now on its way): refused; read again after a refresh")
 
